@@ -1,0 +1,48 @@
+"""The float64 NumPy reference: what every nlattn block computes (channels-first).
+
+Each function is ``f(x, weights, *, return_attention=False, training=False, stats=None, **config)``
+with ``weights`` the canonical dict and ``config`` the block's constructor keywords. With
+``training=True`` BatchNorm uses batch statistics, and a ``RunningStats`` passed as ``stats``
+receives the running-statistic updates under their canonical names.
+"""
+
+from __future__ import annotations
+
+from ..specs import config_class
+from ._ops import RunningStats
+from .attention import (channel_attention, criss_cross_attention, position_attention,
+                        self_attention)
+from .evc import explicit_visual_center
+from .nl_means import non_local_means
+from .non_local import non_local, non_local_1d, non_local_2d, non_local_3d
+from .rga import relation_aware_attention
+from .scale import scale
+
+#: block class name -> reference function
+REFERENCE = {
+    "NonLocalBlock1D": non_local_1d,
+    "NonLocalBlock2D": non_local_2d,
+    "NonLocalBlock3D": non_local_3d,
+    "SelfAttention": self_attention,
+    "PositionAttention": position_attention,
+    "ChannelAttention": channel_attention,
+    "CrissCrossAttention": criss_cross_attention,
+    "RelationAwareAttention": relation_aware_attention,
+    "ExplicitVisualCenter": explicit_visual_center,
+    "NonLocalMeans": non_local_means,
+    "Scale": scale,
+}
+
+
+def run(block: str, x, weights, config: dict, *, training: bool = False,
+        stats: RunningStats | None = None, return_attention: bool = False):
+    """Run the reference of ``block`` by name (what the conformance runner calls)."""
+    fn = REFERENCE[config_class(block).block]
+    if return_attention:
+        if config_class(block).attention is None:
+            raise ValueError(f"{block} has no attention map to return")
+        return fn(x, weights, training=training, stats=stats, return_attention=True, **config)
+    return fn(x, weights, training=training, stats=stats, **config)
+
+
+__all__ = ["REFERENCE", "RunningStats", "run", "non_local", *(f.__name__ for f in REFERENCE.values())]

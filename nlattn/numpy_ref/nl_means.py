@@ -1,0 +1,110 @@
+"""Classical non-local means (Buades et al. 2005), as scikit-image's ``denoise_nl_means`` computes it.
+
+x is (B, C, H, W); every batch item is one C-channel image whose channels share their patch weights
+(scikit-image's ``channel_axis``). The output has the same shape. This is the *pixelwise* algorithm
+(scikit-image ``fast_mode=False``), reproduced quirk for quirk so that it can be checked against
+scikit-image (tests/test_reference_nl_means.py):
+
+* patches are s×s (s = patch_size, odd), centred on a pixel; the image is reflect-padded by s//2
+  (NumPy ``mode='reflect'``, edge not repeated) so that every pixel has a full patch;
+* the candidates of pixel (r, c) are the *image* pixels (i, j) with |i−r| ≤ d, |j−c| ≤ d
+  (d = patch_distance): the search window is clipped at the image border, never padded, so border
+  pixels average over fewer candidates;
+* patch distance  D = Σ_{k,l,c} w[k,l]·((p[k,l,c] − q[k,l,c])² − 2σ²)  with a Gaussian kernel
+  w[k,l] ∝ exp(−(k² + l²) / (2A²)), A = (s−1)/4, scaled so that Σw = 1 / (C·h²);
+* early exit: D is accumulated patch row by patch row and, *before* each row is added, a partial sum
+  greater than DISTANCE_CUTOFF = 5.0 sets the weight to exactly 0. So the partial sums after rows
+  0 … s−2 are tested (strict >), the complete sum never is;
+* otherwise the weight is fast_exp(−max(0, D)), Schraudolph's bit-trick approximation of exp
+  (not exp: it is ~3 % off, e.g. fast_exp(0) ≈ 0.9714), and
+  out[:, r, c] = Σ weight·x[:, i, j] / Σ weight. The pixel itself always has weight fast_exp(0) > 0.
+
+Two deliberate departures, both outside the regime where scikit-image's result is meaningful:
+
+* patch_size = 1: scikit-image's kernel is exp(−0/0) = NaN there, its distances are NaN, and its
+  C ``max(0, NaN)`` yields 0, so every weight is fast_exp(0): a plain box mean that ignores h and σ.
+  We take the A → 0 limit of the kernel instead, a single tap w = 1 / (C·h²): a pixel-similarity
+  (Yaroslavsky-type) filter over the search window.
+* arguments of fast_exp below about −709: the bit trick's integer then goes negative and
+  scikit-image returns a negative or NaN "weight" (seen with tiny h, when only the last patch row
+  differs, so the cutoff does not fire). We return 0 there, the value exp would underflow towards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..specs import NonLocalMeansConfig
+from ._common import prepare
+
+#: partial patch distance above which scikit-image gives up on a candidate (its weight is 0)
+DISTANCE_CUTOFF = 5.0
+
+# Constants of scikit-image's fast_exp (skimage/_shared/fast_exp.h, after Schraudolph 1999):
+# the upper 32 bits of a float64 are set to trunc(EXP_A·y) + EXP_BC, the lower 32 bits to 0.
+_EXP_A = 1512775.3951951856938   # 2**20 / ln 2
+_EXP_BC = 1072632447             # 1023·2**20 − 60801 (the min-RMS-error variant)
+
+
+def fast_exp(y):
+    """scikit-image's approximate exp for y ≤ 0, bit for bit (0 where its integer would wrap)."""
+    y = np.asarray(y, dtype=np.float64)
+    # C's (int32_t) cast truncates toward zero; the sum is an exact integer in float64
+    hi = np.trunc(_EXP_A * y) + _EXP_BC
+    hi = np.where(hi >= 0, hi, 0.0)  # a negative high word would set the sign bit: garbage weights
+    return (hi.astype(np.int64) << 32).view(np.float64)
+
+
+def patch_kernel(patch_size: int, n_channels: int, h: float) -> np.ndarray:
+    """The (s, s) Gaussian patch weights, summing to 1 / (C·h²)."""
+    s = patch_size
+    if s == 1:
+        # A = 0 would make the Gaussian exp(-0/0); its limit is a single tap at the centre
+        w = np.ones((1, 1))
+    else:
+        a = (s - 1.0) / 4.0
+        r = np.arange(-(s // 2), s // 2 + 1, dtype=np.float64)
+        w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * a * a))
+    # same grouping as scikit-image: w *= 1 / (C * sum(w) * h * h)
+    return w * (1.0 / (n_channels * np.sum(w) * h * h))
+
+
+def non_local_means(x, weights=None, *, return_attention=False, training=False, stats=None, **config):
+    """Non-local means of x (B, C, H, W) -> (B, C, H, W); no weights, no attention map.
+
+    Config: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0 (see the module docstring).
+    """
+    cfg, ctx, x = prepare(NonLocalMeansConfig, x, weights, config, training, stats)
+    if return_attention:
+        raise ValueError("NonLocalMeans has no attention map")
+    b, c, height, width = x.shape
+    s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
+    w = patch_kernel(s, c, cfg.h)
+    # σ² is subtracted twice per term (the expected squared difference of two noisy pixels), once per channel
+    noise = c * 2.0 * cfg.sigma * cfg.sigma
+
+    padded = np.pad(x, ((0, 0), (0, 0), (o, o), (o, o)), mode="reflect")
+    num = np.zeros_like(x)
+    den = np.zeros((b, height, width))
+    # row-major over the offsets, like scikit-image's (i, j) loop, so the sums accumulate in its order
+    for di in range(-d, d + 1):
+        r0, r1 = max(0, -di), min(height, height - di)   # centres whose candidate row is in the image
+        if r0 >= r1:
+            continue
+        for dj in range(-d, d + 1):
+            c0, c1 = max(0, -dj), min(width, width - dj)
+            if c0 >= c1:
+                continue
+            centre = padded[:, :, r0:r1 + 2 * o, c0:c1 + 2 * o]
+            other = padded[:, :, r0 + di:r1 + di + 2 * o, c0 + dj:c1 + dj + 2 * o]
+            sq = ((centre - other) ** 2).sum(axis=1) - noise               # (B, h+2o, w+2o)
+            win = sliding_window_view(sq, (s, s), axis=(1, 2))             # (B, h, w, s, s)
+            rows = np.einsum("bhwkl,kl->bhwk", win, w)                      # weighted patch rows
+            partial = np.cumsum(rows, axis=-1)
+            # the test runs before rows 1 … s−1 are added: partial sums of rows 0 … s−2 only
+            cut = (partial[..., :-1] > DISTANCE_CUTOFF).any(axis=-1)
+            weight = np.where(cut, 0.0, fast_exp(-np.maximum(partial[..., -1], 0.0)))
+            num[:, :, r0:r1, c0:c1] += weight[:, None] * x[:, :, r0 + di:r1 + di, c0 + dj:c1 + dj]
+            den[:, r0:r1, c0:c1] += weight
+    return num / den[:, None]

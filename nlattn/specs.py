@@ -1,0 +1,658 @@
+"""One spec per block: a frozen, validated config and the canonical parameter schema.
+
+A config holds exactly the constructor keywords of the block (DESIGN.md §2) plus the numeric
+conventions that frameworks disagree on (BN epsilon and momentum, always in PyTorch's convention:
+``momentum=0.1`` means ``running = 0.9 * running + 0.1 * batch``).
+
+A schema is a tuple of *layers* (``Conv``, ``BatchNorm``, ``Dense``, ``GroupNorm``, ``Param``), each
+knowing its canonical tensor names (PyTorch ``state_dict`` keys) and their shapes. Framework adapters
+walk the schema and map each layer kind to their own variables, so no block needs a hand-written
+weight map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Sequence
+
+from .errors import ConfigError, InputError, WeightError
+
+# --------------------------------------------------------------------------------------------
+# Schema layers
+# --------------------------------------------------------------------------------------------
+
+#: Tensor kinds. Layout is PyTorch's: conv kernels (out, in/groups, *k), dense (out, in).
+KINDS = (
+    "conv_kernel", "conv_bias",
+    "dense_kernel", "dense_bias",
+    "bn_weight", "bn_bias", "bn_mean", "bn_var",
+    "norm_weight", "norm_bias",
+    "param",
+)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Convolution, ``weight`` (out, in/groups, *kernel_size) and optional ``bias`` (out,)."""
+    prefix: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    bias: bool = True
+    groups: int = 1
+    padding: tuple[int, ...] | None = None   # None: no padding ("valid")
+
+    def tensors(self) -> Iterator[Tensor]:
+        yield Tensor(f"{self.prefix}.weight",
+                     (self.out_channels, self.in_channels // self.groups, *self.kernel_size),
+                     "conv_kernel")
+        if self.bias:
+            yield Tensor(f"{self.prefix}.bias", (self.out_channels,), "conv_bias")
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Batch norm over axis 1 (channels-first); eps and momentum in PyTorch's convention."""
+    prefix: str
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    def tensors(self) -> Iterator[Tensor]:
+        n = (self.num_features,)
+        yield Tensor(f"{self.prefix}.weight", n, "bn_weight")
+        yield Tensor(f"{self.prefix}.bias", n, "bn_bias")
+        yield Tensor(f"{self.prefix}.running_mean", n, "bn_mean")
+        yield Tensor(f"{self.prefix}.running_var", n, "bn_var")
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Linear layer, ``weight`` (out, in) and ``bias`` (out,)."""
+    prefix: str
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+    def tensors(self) -> Iterator[Tensor]:
+        yield Tensor(f"{self.prefix}.weight", (self.out_features, self.in_features), "dense_kernel")
+        if self.bias:
+            yield Tensor(f"{self.prefix}.bias", (self.out_features,), "dense_bias")
+
+
+@dataclass(frozen=True)
+class GroupNorm:
+    prefix: str
+    num_channels: int
+    num_groups: int = 1
+    eps: float = 1e-5
+
+    def tensors(self) -> Iterator[Tensor]:
+        yield Tensor(f"{self.prefix}.weight", (self.num_channels,), "norm_weight")
+        yield Tensor(f"{self.prefix}.bias", (self.num_channels,), "norm_bias")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A free tensor used as is (SAGAN's gamma, EVC's codewords, layer scales)."""
+    name: str
+    shape: tuple[int, ...]
+    init: float | None = None   # a constant initial value where the anchors use one
+
+    def tensors(self) -> Iterator[Tensor]:
+        yield Tensor(self.name, self.shape, "param")
+
+
+Layer = Conv | BatchNorm | Dense | GroupNorm | Param
+
+
+def tensors(schema: Sequence[Layer]) -> dict[str, Tensor]:
+    """Every canonical tensor of a schema, by name, in schema order."""
+    return {t.name: t for layer in schema for t in layer.tensors()}
+
+
+def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
+                  *, allow_missing: bool = False) -> None:
+    """Raise one WeightError listing every missing, extra, mis-shaped, non-float or non-finite tensor."""
+    import numpy as np
+
+    expected = tensors(schema)
+    problems = []
+    if not allow_missing:
+        problems += [f"missing {n!r} (expected shape {t.shape})" for n, t in expected.items()
+                     if n not in weights]
+    problems += [f"unexpected {n!r}" for n in weights if n not in expected]
+    for name, value in weights.items():
+        if name not in expected:
+            continue
+        arr = np.asarray(value)
+        if tuple(arr.shape) != expected[name].shape:
+            problems.append(f"{name!r} has shape {tuple(arr.shape)}, expected {expected[name].shape}")
+        elif not np.issubdtype(arr.dtype, np.floating):
+            problems.append(f"{name!r} has dtype {arr.dtype}, expected a floating dtype")
+        elif not np.all(np.isfinite(arr)):
+            problems.append(f"{name!r} has non-finite values")
+    if problems:
+        raise WeightError(block, problems)
+
+
+def random_weights(schema: Sequence[Layer], rng) -> dict[str, "np.ndarray"]:
+    """Random float64 weights of a schema, scaled so activations stay O(1) (for tests, not training).
+
+    Nothing is zero: identity-at-init weights would make every conformance case trivial.
+    """
+    import numpy as np
+
+    out = {}
+    for layer in schema:
+        if isinstance(layer, Conv):
+            fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            for t in layer.tensors():
+                std = 1.0 / math.sqrt(fan_in) if t.kind == "conv_kernel" else 0.1
+                out[t.name] = rng.normal(0.0, std, t.shape)
+        elif isinstance(layer, Dense):
+            for t in layer.tensors():
+                std = 1.0 / math.sqrt(layer.in_features) if t.kind == "dense_kernel" else 0.1
+                out[t.name] = rng.normal(0.0, std, t.shape)
+        elif isinstance(layer, BatchNorm):
+            n = layer.num_features
+            out[f"{layer.prefix}.weight"] = rng.uniform(0.5, 1.5, n)
+            out[f"{layer.prefix}.bias"] = rng.normal(0.0, 0.1, n)
+            out[f"{layer.prefix}.running_mean"] = rng.normal(0.0, 0.1, n)
+            out[f"{layer.prefix}.running_var"] = rng.uniform(0.5, 1.5, n)
+        elif isinstance(layer, GroupNorm):
+            out[f"{layer.prefix}.weight"] = rng.uniform(0.5, 1.5, layer.num_channels)
+            out[f"{layer.prefix}.bias"] = rng.normal(0.0, 0.1, layer.num_channels)
+        else:
+            out[layer.name] = rng.uniform(0.3, 1.0, layer.shape) * rng.choice([-1.0, 1.0], layer.shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+def _fail(block: str, message: str):
+    raise ConfigError(f"{block}: {message}")
+
+
+def _positive_int(block: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(block, f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Base of every block config: validated on construction, immutable."""
+
+    block: ClassVar[str]
+    #: attention map returned by ``return_attention=True`` (None: the block has none)
+    attention: ClassVar[str | None] = None
+    #: spatial rank of the input (2 for images)
+    spatial_dims: ClassVar[int] = 2
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def schema(self) -> tuple[Layer, ...]:
+        return ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor keywords (JSON-serialisable)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.block}: unknown option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "BlockConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(layer, BatchNorm) for layer in self.schema())
+
+    # -- input validation, shared by every framework (shapes given channels-first) -----------
+    def expected_channels(self) -> int | None:
+        return getattr(self, "in_channels", None)
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        shape = tuple(int(s) for s in shape)
+        rank = 2 + self.spatial_dims
+        layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.spatial_dims]
+        if len(shape) != rank:
+            raise InputError(f"{self.block}: expected a rank-{rank} input {layout} "
+                             f"(channels-first order), got shape {shape}")
+        c = self.expected_channels()
+        if c is not None and shape[1] != c:
+            raise InputError(f"{self.block}: expected {c} channels, got {shape[1]} (input shape {shape})")
+        self.check_spatial(shape[2:])
+
+    def check_spatial(self, spatial: tuple[int, ...]) -> None:
+        if any(s < 1 for s in spatial):
+            raise InputError(f"{self.block}: empty spatial size {spatial}")
+
+
+def check_float_dtype(block: str, dtype) -> None:
+    """Raise InputError unless ``dtype`` (anything numpy understands, or its name) is floating."""
+    import numpy as np
+
+    name = str(dtype).rsplit(".", 1)[-1].strip("'>")
+    try:
+        ok = np.issubdtype(np.dtype(name), np.floating)
+    except TypeError:
+        ok = name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    if not ok:
+        raise InputError(f"{block}: expected a floating-point input, got dtype {name}")
+
+
+# --- non-local --------------------------------------------------------------------------------
+
+NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+
+
+@dataclass(frozen=True)
+class NonLocalConfig(BlockConfig):
+    """Non-local block (Wang et al. 2018), AlexHex7 defaults.
+
+    ``inter_channels`` defaults to ``max(in_channels // 2, 1)``; ``value_channels`` (the width of g,
+    defaults to ``inter_channels``) and ``share_query_key`` (φ reuses θ's conv) give the
+    super-resolution variant. ``pool_first`` pools x before the φ/g convs (Caffe2 official code).
+    """
+
+    in_channels: int
+    inter_channels: int | None = None
+    mode: str = "embedded_gaussian"
+    sub_sample: bool = True
+    bn_layer: bool = True
+    pool_first: bool = False
+    scale: float | None = None
+    num_heads: int = 1
+    share_query_key: bool = False
+    value_channels: int | None = None
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    attention: ClassVar[str] = "(B, N, M), or (B, heads, N, M) with num_heads > 1"
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "in_channels", self.in_channels)
+        if self.inter_channels is not None:
+            _positive_int(b, "inter_channels", self.inter_channels)
+        if self.value_channels is not None:
+            _positive_int(b, "value_channels", self.value_channels)
+        if self.mode not in NONLOCAL_MODES:
+            _fail(b, f"mode must be one of {NONLOCAL_MODES}, got {self.mode!r}")
+        _positive_int(b, "num_heads", self.num_heads)
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and self.scale > 0):
+            _fail(b, f"scale must be None or a positive number, got {self.scale!r}")
+        if self.mode == "concatenation" and (self.num_heads != 1 or self.scale is not None):
+            _fail(b, "mode='concatenation' takes neither num_heads > 1 nor scale "
+                     "(its relation is ReLU(w·[θ; φ]), not a dot product)")
+        if self.mode == "gaussian" and (self.share_query_key or self.pool_first):
+            _fail(b, "mode='gaussian' has no θ/φ convs, so share_query_key and pool_first do not apply")
+        for name, width in (("embedding width", self.embed_channels), ("value width", self.value_width)):
+            if width % self.num_heads:
+                _fail(b, f"num_heads={self.num_heads} must divide the {name} {width}")
+        if not (0.0 < self.bn_eps) or not (0.0 <= self.bn_momentum <= 1.0):
+            _fail(b, f"bn_eps must be > 0 and bn_momentum in [0, 1], got {self.bn_eps}, {self.bn_momentum}")
+
+    @property
+    def inter(self) -> int:
+        return self.inter_channels if self.inter_channels is not None else max(self.in_channels // 2, 1)
+
+    @property
+    def embed_channels(self) -> int:
+        """Channels of θ and φ (the raw input in gaussian mode)."""
+        return self.in_channels if self.mode == "gaussian" else self.inter
+
+    @property
+    def value_width(self) -> int:
+        return self.value_channels if self.value_channels is not None else self.inter
+
+    @property
+    def pool_window(self) -> tuple[int, ...]:
+        return (1, 2, 2) if self.spatial_dims == 3 else (2,) * self.spatial_dims
+
+    def schema(self):
+        k = (1,) * self.spatial_dims
+        c, ci, cv = self.in_channels, self.inter, self.value_width
+        layers: list[Layer] = [Conv("g", c, cv, k)]
+        if self.mode != "gaussian":
+            layers.append(Conv("theta", c, ci, k))
+            if not self.share_query_key:
+                layers.append(Conv("phi", c, ci, k))
+        if self.mode == "concatenation":
+            layers.append(Conv("concat_project", 2 * ci, 1, (1, 1), bias=False))
+        layers.append(Conv("W", cv, c, k))
+        if self.bn_layer:
+            layers.append(BatchNorm("bn", c, self.bn_eps, self.bn_momentum))
+        return tuple(layers)
+
+    def check_spatial(self, spatial):
+        super().check_spatial(spatial)
+        if self.sub_sample and any(s < p for s, p in zip(spatial, self.pool_window)):
+            raise InputError(f"{self.block}: sub_sample max-pools by {self.pool_window}, so every "
+                             f"spatial size must be at least that; got {spatial}")
+
+
+@dataclass(frozen=True)
+class NonLocalBlock1DConfig(NonLocalConfig):
+    block: ClassVar[str] = "NonLocalBlock1D"
+    spatial_dims: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class NonLocalBlock2DConfig(NonLocalConfig):
+    block: ClassVar[str] = "NonLocalBlock2D"
+    spatial_dims: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class NonLocalBlock3DConfig(NonLocalConfig):
+    block: ClassVar[str] = "NonLocalBlock3D"
+    spatial_dims: ClassVar[int] = 3
+
+
+# --- SAGAN / DANet / CCNet ------------------------------------------------------------------------
+
+def _qkv_schema(c: int, cq: int) -> tuple[Layer, ...]:
+    return (Conv("query_conv", c, cq, (1, 1)), Conv("key_conv", c, cq, (1, 1)),
+            Conv("value_conv", c, c, (1, 1)), Param("gamma", (1,), init=0.0))
+
+
+@dataclass(frozen=True)
+class _QKVConfig(BlockConfig):
+    in_channels: int
+    qk_ratio: int = 8
+
+    def validate(self):
+        _positive_int(self.block, "in_channels", self.in_channels)
+        _positive_int(self.block, "qk_ratio", self.qk_ratio)
+        if self.in_channels // self.qk_ratio < 1:
+            _fail(self.block, f"in_channels // qk_ratio must be >= 1 (query/key width), got "
+                              f"{self.in_channels} // {self.qk_ratio} = 0; use in_channels >= {self.qk_ratio}")
+
+    @property
+    def qk_channels(self) -> int:
+        return self.in_channels // self.qk_ratio
+
+    def schema(self):
+        return _qkv_schema(self.in_channels, self.qk_channels)
+
+
+@dataclass(frozen=True)
+class SelfAttentionConfig(_QKVConfig):
+    """SAGAN self-attention: y = γ·softmax(QᵀK)-weighted V + x."""
+    block: ClassVar[str] = "SelfAttention"
+    attention: ClassVar[str] = "(B, N, N), rows are queries"
+
+
+@dataclass(frozen=True)
+class PositionAttentionConfig(_QKVConfig):
+    """DANet position attention module (PAM)."""
+    block: ClassVar[str] = "PositionAttention"
+    attention: ClassVar[str] = "(B, N, N), rows are queries"
+
+
+@dataclass(frozen=True)
+class CrissCrossAttentionConfig(_QKVConfig):
+    """CCNet criss-cross attention, applied ``recurrence`` times with the same weights."""
+    block: ClassVar[str] = "CrissCrossAttention"
+    attention: ClassVar[str] = "(B, H, W, H + W) of the last pass: column (H) then row (W)"
+    recurrence: int = 1
+
+    def validate(self):
+        super().validate()
+        _positive_int(self.block, "recurrence", self.recurrence)
+
+
+@dataclass(frozen=True)
+class ChannelAttentionConfig(BlockConfig):
+    """DANet channel attention module (CAM); has no convs, so in_channels is optional."""
+    block: ClassVar[str] = "ChannelAttention"
+    attention: ClassVar[str] = "(B, C, C)"
+    in_channels: int | None = None
+
+    def validate(self):
+        if self.in_channels is not None:
+            _positive_int(self.block, "in_channels", self.in_channels)
+
+    def schema(self):
+        return (Param("gamma", (1,), init=0.0),)
+
+
+# --- RGA ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RelationAwareAttentionConfig(BlockConfig):
+    """Relation-aware global attention (RGA-S / RGA-C / RGA-SC); names follow the published module."""
+    block: ClassVar[str] = "RelationAwareAttention"
+    attention: ClassVar[str] = "relations of the first branch: spatial (B, N, N), else channel (B, C, C)"
+    in_channels: int
+    spatial_size: tuple[int, int]
+    use_spatial: bool = True
+    use_channel: bool = True
+    cha_ratio: int = 8
+    spa_ratio: int = 8
+    down_ratio: int = 8
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.spatial_size, list):
+            object.__setattr__(self, "spatial_size", tuple(self.spatial_size))
+        super().__post_init__()
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "in_channels", self.in_channels)
+        for n in ("cha_ratio", "spa_ratio", "down_ratio"):
+            _positive_int(b, n, getattr(self, n))
+        if (not isinstance(self.spatial_size, tuple) or len(self.spatial_size) != 2
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.spatial_size)):
+            _fail(b, f"spatial_size must be (H, W) with positive integers, got {self.spatial_size!r}")
+        if not (self.use_spatial or self.use_channel):
+            _fail(b, "at least one of use_spatial and use_channel must be True")
+        checks = []
+        if self.use_spatial or self.use_channel:
+            checks += [("in_channels // cha_ratio", self.inter_channel),
+                       ("H*W // spa_ratio", self.inter_spatial)]
+        if self.use_spatial:
+            checks.append(("(1 + H*W // spa_ratio) // down_ratio", (1 + self.inter_spatial) // self.down_ratio))
+        if self.use_channel:
+            checks.append(("(1 + in_channels // cha_ratio) // down_ratio",
+                           (1 + self.inter_channel) // self.down_ratio))
+        for what, value in checks:
+            if value < 1:
+                _fail(b, f"{what} gives {value} channels; choose smaller ratios or a larger input")
+
+    @property
+    def in_spatial(self) -> int:
+        return self.spatial_size[0] * self.spatial_size[1]
+
+    @property
+    def inter_channel(self) -> int:
+        return self.in_channels // self.cha_ratio
+
+    @property
+    def inter_spatial(self) -> int:
+        return self.in_spatial // self.spa_ratio
+
+    def _cbr(self, prefix, cin, cout):   # 1×1 conv (no bias) + BN [+ ReLU, which has no weights]
+        return [Conv(f"{prefix}.0", cin, cout, (1, 1), bias=False),
+                BatchNorm(f"{prefix}.1", cout, self.bn_eps, self.bn_momentum)]
+
+    def _gate(self, prefix, cin):         # W_*: cbr → ReLU → conv → BN(1)
+        mid = cin // self.down_ratio
+        return [*self._cbr(prefix, cin, mid),
+                Conv(f"{prefix}.3", mid, 1, (1, 1), bias=False),
+                BatchNorm(f"{prefix}.4", 1, self.bn_eps, self.bn_momentum)]
+
+    def schema(self):
+        c, n, ci, ni = self.in_channels, self.in_spatial, self.inter_channel, self.inter_spatial
+        layers: list[Layer] = []
+        # in the order of the published module's __init__ (so state_dict orders agree)
+        if self.use_spatial:
+            layers += self._cbr("theta_spatial", c, ci) + self._cbr("phi_spatial", c, ci)
+        if self.use_channel:
+            layers += self._cbr("theta_channel", n, ni) + self._cbr("phi_channel", n, ni)
+        if self.use_spatial:
+            layers += self._cbr("gx_spatial", c, ci)
+        if self.use_channel:
+            layers += self._cbr("gx_channel", n, ni)
+        if self.use_spatial:
+            layers += self._cbr("gg_spatial", 2 * n, ni)
+        if self.use_channel:
+            layers += self._cbr("gg_channel", 2 * c, ci)
+        if self.use_spatial:
+            layers += self._gate("W_spatial", 1 + ni)
+        if self.use_channel:
+            layers += self._gate("W_channel", 1 + ci)
+        return tuple(layers)
+
+    def check_spatial(self, spatial):
+        super().check_spatial(spatial)
+        if tuple(spatial) != self.spatial_size:
+            raise InputError(f"{self.block}: built for spatial size {self.spatial_size} "
+                             f"(its convs mix H*W positions), got {tuple(spatial)}")
+
+
+# --- EVC ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExplicitVisualCenterConfig(BlockConfig):
+    """CFPNet explicit visual center (in = out channels). Names follow the published EVCBlock."""
+    block: ClassVar[str] = "ExplicitVisualCenter"
+    attention: ClassVar[str] = "soft assignment of positions to codewords (B, N, K)"
+    in_channels: int
+    num_codes: int = 64
+    mlp_ratio: int = 4
+    bn_eps: float = 1e-5
+    conv_block_bn_eps: float = 1e-6
+    gn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    layer_scale_init: float = 1e-5
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "in_channels", self.in_channels, minimum=4)   # the bottleneck uses C // 4
+        _positive_int(b, "num_codes", self.num_codes)
+        _positive_int(b, "mlp_ratio", self.mlp_ratio)
+
+    def schema(self):
+        c, k, e, m = self.in_channels, self.num_codes, self.bn_eps, self.bn_momentum
+        q, ce = c // 4, self.conv_block_bn_eps
+        bn = lambda p, n, eps=e: BatchNorm(p, n, eps, m)  # noqa: E731
+        cb = "lvc.conv_1"
+        return (
+            Conv("conv1", c, c, (7, 7), bias=False, padding=(3, 3)), bn("bn1", c),
+            Conv(f"{cb}.conv1", c, q, (1, 1), bias=False), bn(f"{cb}.bn1", q, ce),
+            Conv(f"{cb}.conv2", q, q, (3, 3), bias=False, padding=(1, 1)), bn(f"{cb}.bn2", q, ce),
+            Conv(f"{cb}.conv3", q, c, (1, 1), bias=False), bn(f"{cb}.bn3", c, ce),
+            Conv(f"{cb}.residual_conv", c, c, (1, 1), bias=False), bn(f"{cb}.residual_bn", c, ce),
+            Conv("lvc.LVC.0", c, c, (1, 1), bias=False), bn("lvc.LVC.1", c),
+            Param("lvc.LVC.3.codewords", (k, c)), Param("lvc.LVC.3.scale", (k,)),
+            bn("lvc.LVC.4", k),
+            Dense("lvc.fc.0", c, c),
+            Conv("l_MLP.dw.dconv.conv", c, c, (1, 1), bias=False, groups=c), bn("l_MLP.dw.dconv.bn", c),
+            Conv("l_MLP.dw.pconv.conv", c, c, (1, 1), bias=False), bn("l_MLP.dw.pconv.bn", c),
+            GroupNorm("l_MLP.norm1", c, 1, self.gn_eps), GroupNorm("l_MLP.norm2", c, 1, self.gn_eps),
+            Conv("l_MLP.mlp.fc1", c, c * self.mlp_ratio, (1, 1)),
+            Conv("l_MLP.mlp.fc2", c * self.mlp_ratio, c, (1, 1)),
+            Param("l_MLP.layer_scale_1", (c,), init=self.layer_scale_init),
+            Param("l_MLP.layer_scale_2", (c,), init=self.layer_scale_init),
+            Conv("cnv1", 2 * c, c, (1, 1)),
+        )
+
+
+# --- non-local means and Scale --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NonLocalMeansConfig(BlockConfig):
+    """Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False); no weights.
+
+    Input (B, C, H, W); the C channels of one image share their patch weights, like scikit-image's
+    ``channel_axis``. ``sigma`` is the noise standard deviation subtracted in the patch distance.
+    """
+    block: ClassVar[str] = "NonLocalMeans"
+    patch_size: int = 7
+    patch_distance: int = 11
+    h: float = 0.1
+    sigma: float = 0.0
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "patch_size", self.patch_size)
+        if self.patch_size % 2 == 0:
+            _fail(b, f"patch_size must be odd (patches are centred on a pixel), got {self.patch_size}")
+        _positive_int(b, "patch_distance", self.patch_distance, minimum=0)
+        if not (isinstance(self.h, (int, float)) and self.h > 0):
+            _fail(b, f"h must be a positive number, got {self.h!r}")
+        if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
+            _fail(b, f"sigma must be >= 0, got {self.sigma!r}")
+
+    def check_spatial(self, spatial):
+        super().check_spatial(spatial)
+        # reflect padding by patch_size // 2 needs more than that many pixels on each side
+        if any(s <= self.patch_size // 2 for s in spatial):
+            raise InputError(f"{self.block}: every spatial size must exceed patch_size // 2 = "
+                             f"{self.patch_size // 2} (reflect padding), got {tuple(spatial)}")
+
+
+@dataclass(frozen=True)
+class ScaleConfig(BlockConfig):
+    """y = gamma * x with a trainable scalar gamma (SAGAN / DANet residual gate)."""
+    block: ClassVar[str] = "Scale"
+    init: float = 0.0
+
+    def schema(self):
+        return (Param("gamma", (1,), init=float(self.init)),)
+
+    def check_input_shape(self, shape):
+        if len(tuple(shape)) < 1:
+            raise InputError(f"{self.block}: expected an input of rank >= 1, got shape {tuple(shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+CONFIGS: dict[str, type[BlockConfig]] = {
+    cls.block: cls for cls in (
+        NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig,
+        SelfAttentionConfig, PositionAttentionConfig, ChannelAttentionConfig,
+        CrissCrossAttentionConfig, RelationAwareAttentionConfig, ExplicitVisualCenterConfig,
+        NonLocalMeansConfig, ScaleConfig,
+    )
+}
+
+
+def config_class(block: str) -> type[BlockConfig]:
+    try:
+        return CONFIGS[block]
+    except KeyError:
+        raise ConfigError(f"unknown block {block!r}; known: {sorted(CONFIGS)}") from None
+
+
+def make_config(block: str, **kwargs) -> BlockConfig:
+    """Build and validate the config of ``block`` from its constructor keywords."""
+    return config_class(block).from_dict(kwargs)
