@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..numpy_ref import RunningStats, run
 from ..specs import random_weights
 from .cases import CASES, Case
@@ -82,6 +81,19 @@ def _flatten(g: Golden) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in t.items()}
 
 
+def _same(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bool:
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return (f.metadata() == meta and set(f.keys()) == set(tensors)
+                    and all(np.array_equal(f.get_tensor(k), v) for k, v in tensors.items()))
+    except Exception:
+        return False
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -91,15 +103,20 @@ def write_all(directory: Path = GOLDEN_DIR, cases=CASES) -> list[Path]:
     from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    keep = {f"{c.id}.safetensors" for c in cases}
     for old in directory.glob("*.safetensors"):
-        old.unlink()
+        if old.name not in keep:
+            old.unlink()
     manifest = {"layout": LAYOUT_VERSION, "files": {}}
     paths = []
     for case in cases:
         path = directory / f"{case.id}.safetensors"
         meta = {"case": case.id, "block": case.block, "config": case.config_json,
-                "shape": json.dumps(case.shape), "layout": LAYOUT_VERSION, "nlattn": __version__}
-        save_file(_flatten(compute(case)), str(path), metadata=meta)
+                "shape": json.dumps(case.shape), "layout": LAYOUT_VERSION}
+        tensors = _flatten(compute(case))
+        # safetensors orders metadata arbitrarily: rewrite only what changed, to keep diffs reviewable
+        if not _same(path, tensors, meta):
+            save_file(tensors, str(path), metadata=meta)
         manifest["files"][path.name] = _sha256(path)
         paths.append(path)
     (directory / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -131,7 +148,7 @@ def load(case: Case, directory: Path = GOLDEN_DIR) -> Golden:
         t = {k: f.get_tensor(k) for k in f.keys()}
 
     def group(prefix):
-        return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)} or None
+        return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
 
     return Golden(case, t["input"], group("weights."), t["output"], t.get("attention"),
                   t.get("train.output"), group("train.stats."), group("train.stats_biased."))

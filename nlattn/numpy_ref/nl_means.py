@@ -16,7 +16,7 @@ scikit-image (tests/test_reference_nl_means.py):
   greater than DISTANCE_CUTOFF = 5.0 sets the weight to exactly 0. So the partial sums after rows
   0 … s−2 are tested (strict >), the complete sum never is;
 * otherwise the weight is fast_exp(−max(0, D)), Schraudolph's bit-trick approximation of exp
-  (not exp: it is ~3 % off, e.g. fast_exp(0) ≈ 0.9714), and
+  (not exp: it is ~3 % off, e.g. fast_exp(0) ≈ 0.9710), and
   out[:, r, c] = Σ weight·x[:, i, j] / Σ weight. The pixel itself always has weight fast_exp(0) > 0.
 
 Two deliberate departures, both outside the regime where scikit-image's result is meaningful:
@@ -81,7 +81,8 @@ def non_local_means(x, weights=None, *, return_attention=False, training=False, 
     b, c, height, width = x.shape
     s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
     w = patch_kernel(s, c, cfg.h)
-    # σ² is subtracted twice per term (the expected squared difference of two noisy pixels), once per channel
+    # each term subtracts 2σ², the expected squared difference of two pixels with independent noise;
+    # skimage subtracts it inside every channel's term, hence C times per patch pixel
     noise = c * 2.0 * cfg.sigma * cfg.sigma
 
     padded = np.pad(x, ((0, 0), (0, 0), (o, o), (o, o)), mode="reflect")
