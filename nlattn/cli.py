@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _conformance(args) -> int:
@@ -22,7 +23,8 @@ def _conformance(args) -> int:
         print("no case matches", file=sys.stderr)
         return 2
     try:
-        results = run_conformance(adapters, cases, progress=not args.no_progress)
+        results = run_conformance(adapters, cases, progress=not args.no_progress,
+                                  **({"golden_dir": Path(args.golden)} if args.golden else {}))
     except GoldenError as e:
         print(f"conformance: golden vectors unusable: {e}", file=sys.stderr)
         return 3
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
                    help="a third-party adapter to check as well")
     c.add_argument("--block", action="append", help="only this block class (repeatable)")
     c.add_argument("--case", action="append", help="only cases whose id contains this (repeatable)")
+    c.add_argument("--golden", metavar="DIR", help="golden vectors to check against (default: the packaged ones)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_conformance)
     g = sub.add_parser("golden", help="regenerate the golden vectors from the reference "
