@@ -102,6 +102,16 @@ def test_cli_prints_the_table():
     assert lines[-1] == "conformance: 2 passed, 0 failed"   # sagan, sagan-qk4: eval only
 
 
+def test_a_framework_name_selects_all_its_columns_and_an_unknown_one_is_refused():
+    from nlattn.conformance import adapter_names
+    assert adapter_names(["torch"]) == ["torch", "torch-naive"]
+    assert adapter_names(["keras"]) == ["keras", "keras-cf", "keras-naive"]
+    assert adapter_names(["keras-cf", "numpy"]) == ["numpy", "keras-cf"]
+    proc = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "mxnet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "mxnet" in proc.stderr
+
+
 def test_import_never_pulls_a_framework():
     code = ("import sys, nlattn, nlattn.numpy_ref, nlattn.conformance, nlattn.specs; "
             "bad = [m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules]; "

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from nlattn.errors import ConfigError, InputError, WeightError
-from nlattn.numpy_ref.nl_means import DISTANCE_CUTOFF, fast_exp, non_local_means
+from nlattn.numpy_ref import run
+from nlattn.numpy_ref.nl_means import (DISTANCE_CUTOFF, fast_exp, fast_exp_envelope,
+                                       non_local_means)
 
 skimage = pytest.importorskip("skimage")
 from skimage import data  # noqa: E402
@@ -164,6 +166,9 @@ def test_no_search_window_is_identity_and_float32_input_is_accepted():
     np.testing.assert_allclose(out, x.astype(np.float64), rtol=1e-15, atol=0)
 
 
+_EXP_A_FOR_TEST = 2 ** 20 / math.log(2)
+
+
 def test_fast_exp():
     assert fast_exp(0.0) == _fast_exp_scalar(0.0)
     assert abs(fast_exp(0.0) - 0.97101) < 1e-5                   # not 1: it is an approximation
@@ -173,6 +178,37 @@ def test_fast_exp():
     assert (np.diff(f) <= 0).all()                               # monotone
     assert np.abs(f / np.exp(y) - 1).max() < 0.06                # within a few per cent
     assert (fast_exp([-800.0, -1e4, -np.inf]) == 0).all()        # where the bit trick would wrap
+
+
+def test_fast_exp_envelope_is_the_continuous_function_fast_exp_samples():
+    y = -np.random.default_rng(11).uniform(0, 40, 100000)
+    f, e = fast_exp(y), fast_exp_envelope(y)
+    # for y < 0 truncation toward zero raises the high word by less than one unit: at most 2**-20 above
+    assert (f >= e).all() and (f <= e * (1 + 2.0 ** -20)).all()
+    # the slope inside a binade is 2**(E-1023)/ln 2 (frexp's exponent e is E - 1022), by a secant far
+    # wider than fast_exp's 6.6e-7-wide steps but inside one binade
+    m, ex = np.frexp(e)
+    inside = (m > 0.6) & (m < 0.9)
+    step = 1e-3
+    secant = (fast_exp_envelope(y + step) - fast_exp_envelope(y - step)) / (2 * step)
+    np.testing.assert_allclose(secant[inside], np.ldexp(1.0, ex[inside] - 1) / math.log(2), rtol=1e-9)
+    # continuous across binade boundaries (where the mantissa wraps) and monotone
+    boundary = -np.log(2) * np.arange(1, 30) + 60801 / _EXP_A_FOR_TEST
+    below, above = fast_exp_envelope(boundary - 1e-9), fast_exp_envelope(boundary + 1e-9)
+    assert (np.frexp(below)[0] > 0.999).all() and (np.frexp(above)[0] < 0.501).all()  # a boundary
+    np.testing.assert_allclose(below, above, rtol=1e-8)
+    grid = -np.linspace(0, 50, 200001)
+    assert (np.diff(fast_exp_envelope(grid)) < 0).all()
+    assert (fast_exp_envelope([-800.0, -np.inf]) == 0).all()
+
+
+def test_derivatives_are_taken_of_the_envelope():
+    x = np.random.default_rng(12).random((1, 1, 6, 6))
+    cfg = dict(patch_size=3, patch_distance=2, h=0.3)
+    envelope = run("NonLocalMeans", x, {}, cfg, for_derivative=True)
+    exact = run("NonLocalMeans", x, {}, cfg)
+    np.testing.assert_array_equal(exact, non_local_means(x, **cfg))
+    assert 0 < np.abs(envelope - exact).max() < 1e-5            # a different function, barely
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@
     print(format_table(run_conformance(adapters)))
 """
 
-from .adapter import BUILTIN, Adapter, ReferenceAdapter, available_adapters, load_adapter
+from .adapter import BUILTIN, Adapter, ReferenceAdapter, adapter_names, available_adapters, load_adapter
 from .cases import CASES, CASES_BY_ID, Case, select
 from .golden import GoldenError, load as load_golden
 from .runner import TOLERANCE, Result, error, format_table, jobs, run_check, run_conformance
 
 __all__ = ["Adapter", "BUILTIN", "CASES", "CASES_BY_ID", "Case", "GoldenError", "ReferenceAdapter",
-           "Result", "TOLERANCE", "available_adapters", "error", "format_table", "load_adapter",
+           "Result", "TOLERANCE", "adapter_names", "available_adapters", "error", "format_table", "load_adapter",
            "jobs", "load_golden", "run_check", "run_conformance", "select"]

@@ -71,13 +71,23 @@ class ReferenceAdapter(Adapter):
         return {k: v for k, v in module["weights"].items() if k.endswith(("running_mean", "running_var"))}
 
 
-#: the built-in framework adapters; a column appears when its framework and adapter import
+#: the built-in framework adapters; a column appears when its framework and adapter import.
+#: "<framework>-naive" runs the readable materialising path of every block, "keras-cf" channels_first.
 BUILTIN = {
     "numpy": "nlattn.conformance.adapter:ReferenceAdapter",
     "torch": "nlattn.torch.conformance:TorchAdapter",
+    "torch-naive": "nlattn.torch.conformance:TorchNaiveAdapter",
     "keras": "nlattn.tf.conformance:KerasAdapter",
+    "keras-cf": "nlattn.tf.conformance:KerasChannelsFirstAdapter",
+    "keras-naive": "nlattn.tf.conformance:KerasNaiveAdapter",
     "flax": "nlattn.jax.conformance:FlaxAdapter",
+    "flax-naive": "nlattn.jax.conformance:FlaxNaiveAdapter",
 }
+
+
+def adapter_names(frameworks) -> list[str]:
+    """The built-in adapters of the given frameworks: 'torch' means 'torch' and 'torch-naive'."""
+    return [n for n in BUILTIN if any(n == f or n.startswith(f + "-") for f in frameworks)]
 
 
 def load_adapter(spec: str) -> Adapter:

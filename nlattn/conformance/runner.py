@@ -75,7 +75,8 @@ def reference_directional(g: Golden, cotangent, dx, dw, eps: float = 1e-6) -> fl
     """d/dt <cotangent, f(x + t dx, W + t dW)> at t = 0, by central differences of the reference."""
     def f(t):
         w = {k: v + t * dw[k] if k in dw else v for k, v in g.weights.items()}
-        return float(np.sum(cotangent * run(g.case.block, g.input + t * dx, w, g.case.config)))
+        return float(np.sum(cotangent * run(g.case.block, g.input + t * dx, w, g.case.config,
+                                               for_derivative=True)))
     return (f(eps) - f(-eps)) / (2 * eps)
 
 

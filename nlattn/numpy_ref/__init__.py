@@ -13,7 +13,7 @@ from ._ops import RunningStats
 from .attention import (channel_attention, criss_cross_attention, position_attention,
                         self_attention)
 from .evc import explicit_visual_center
-from .nl_means import non_local_means
+from .nl_means import non_local_means, non_local_means_envelope
 from .non_local import non_local, non_local_1d, non_local_2d, non_local_3d
 from .rga import relation_aware_attention
 from .scale import scale
@@ -33,11 +33,20 @@ REFERENCE = {
     "Scale": scale,
 }
 
+#: blocks whose derivative is taken of a different function than the one they evaluate
+DERIVATIVE_REFERENCE = {"NonLocalMeans": non_local_means_envelope}
+
 
 def run(block: str, x, weights, config: dict, *, training: bool = False,
-        stats: RunningStats | None = None, return_attention: bool = False):
-    """Run the reference of ``block`` by name (what the conformance runner calls)."""
-    fn = REFERENCE[config_class(block).block]
+        stats: RunningStats | None = None, return_attention: bool = False,
+        for_derivative: bool = False):
+    """Run the reference of ``block`` by name (what the conformance runner calls).
+
+    ``for_derivative=True`` runs the function whose derivatives define the block's gradients:
+    the block itself, except where ``DERIVATIVE_REFERENCE`` says otherwise.
+    """
+    name = config_class(block).block
+    fn = (for_derivative and DERIVATIVE_REFERENCE.get(name)) or REFERENCE[name]
     if return_attention:
         if config_class(block).attention is None:
             raise ValueError(f"{block} has no attention map to return")
@@ -45,4 +54,5 @@ def run(block: str, x, weights, config: dict, *, training: bool = False,
     return fn(x, weights, training=training, stats=stats, **config)
 
 
-__all__ = ["REFERENCE", "RunningStats", "run", "non_local", *(f.__name__ for f in REFERENCE.values())]
+__all__ = ["DERIVATIVE_REFERENCE", "REFERENCE", "RunningStats", "run", "non_local",
+           *(f.__name__ for f in REFERENCE.values())]

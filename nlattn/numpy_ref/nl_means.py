@@ -56,6 +56,20 @@ def fast_exp(y):
     return (hi.astype(np.int64) << 32).view(np.float64)
 
 
+def fast_exp_envelope(y):
+    """The continuous, piecewise-linear function that ``fast_exp`` samples (no truncation).
+
+    fast_exp is a staircase: its steps are 2**-20 relative and 1/EXP_A ≈ 6.6e-7 wide, so its
+    derivative is 0 almost everywhere and central differences of it measure the step size, not
+    the filter. The derivative of NonLocalMeans is defined as that of this envelope, which is
+    within 2**-20 of fast_exp and has slope 2**(E - 1023) / ln 2 inside the binade of exponent E.
+    """
+    hi = np.maximum(_EXP_A * np.asarray(y, dtype=np.float64) + _EXP_BC, 0.0) / 2.0 ** 20
+    exponent = np.floor(hi)
+    value = np.ldexp(1.0 + (hi - exponent), exponent.astype(np.int64) - 1023)
+    return np.where(hi > 0, value, 0.0)   # where fast_exp's integer would wrap it returns 0 too
+
+
 def patch_kernel(patch_size: int, n_channels: int, h: float) -> np.ndarray:
     """The (s, s) Gaussian patch weights, summing to 1 / (C·h²)."""
     s = patch_size
@@ -75,6 +89,17 @@ def non_local_means(x, weights=None, *, return_attention=False, training=False, 
 
     Config: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0 (see the module docstring).
     """
+    return _non_local_means(x, weights, return_attention, training, stats, config, fast_exp)
+
+
+def non_local_means_envelope(x, weights=None, *, return_attention=False, training=False,
+                             stats=None, **config):
+    """non_local_means with ``fast_exp_envelope``: what its derivatives are taken of."""
+    return _non_local_means(x, weights, return_attention, training, stats, config,
+                            fast_exp_envelope)
+
+
+def _non_local_means(x, weights, return_attention, training, stats, config, exp):
     cfg, ctx, x = prepare(NonLocalMeansConfig, x, weights, config, training, stats)
     if return_attention:
         raise ValueError("NonLocalMeans has no attention map")
@@ -105,7 +130,7 @@ def non_local_means(x, weights=None, *, return_attention=False, training=False, 
             partial = np.cumsum(rows, axis=-1)
             # the test runs before rows 1 … s−1 are added: partial sums of rows 0 … s−2 only
             cut = (partial[..., :-1] > DISTANCE_CUTOFF).any(axis=-1)
-            weight = np.where(cut, 0.0, fast_exp(-np.maximum(partial[..., -1], 0.0)))
+            weight = np.where(cut, 0.0, exp(-np.maximum(partial[..., -1], 0.0)))
             num[:, :, r0:r1, c0:c1] += weight[:, None] * x[:, :, r0 + di:r1 + di, c0 + dj:c1 + dj]
             den[:, r0:r1, c0:c1] += weight
     return num / den[:, None]
