@@ -13,5 +13,17 @@ from .specs import CONFIGS, config_class, make_config
 #: every block class name (the same in nlattn.torch, nlattn.tf and nlattn.jax)
 BLOCKS = tuple(CONFIGS)
 
+#: the framework-neutral weights API (DESIGN §2), imported on first use so `import nlattn` stays light
+_WEIGHTS_API = ("Checkpoint", "build", "export_weights", "from_checkpoint", "load_file", "load_weights",
+                "save_weights")
+
+
+def __getattr__(name):
+    if name in _WEIGHTS_API:
+        from . import weights
+        return getattr(weights, name)
+    raise AttributeError(f"module 'nlattn' has no attribute {name!r}")
+
+
 __all__ = ["BLOCKS", "CONFIGS", "ConfigError", "InputError", "WeightError", "__version__",
-           "config_class", "make_config"]
+           "config_class", "make_config", *_WEIGHTS_API]

@@ -1,4 +1,4 @@
-"""The ``nlattn`` command: ``nlattn conformance`` and ``nlattn golden``."""
+"""The ``nlattn`` command: ``nlattn conformance``, ``nlattn golden`` and ``nlattn convert``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from pathlib import Path
 
 
 def _conformance(args) -> int:
-    from .conformance import BUILTIN, available_adapters, format_table, load_adapter, run_conformance, select
+    from .conformance import (BUILTIN, adapter_names, available_adapters, format_table, load_adapter,
+                              run_conformance, select)
     from .conformance.golden import GoldenError
 
-    names = args.framework or list(BUILTIN)
+    names = adapter_names(args.framework) if args.framework else list(BUILTIN)
+    unknown = [f for f in args.framework or () if not adapter_names([f])]
+    if unknown:
+        print(f"unknown framework(s) {unknown}: choose from {sorted(BUILTIN)}", file=sys.stderr)
+        return 2
     adapters, missing = available_adapters(names)
     adapters += [load_adapter(spec) for spec in args.adapter]
     for name, why in missing.items():
@@ -41,6 +46,47 @@ def _golden(args) -> int:
     return 0
 
 
+def _config_value(text: str):
+    """``--config`` values: Python/JSON literals (8, 0.5, True, null, (7, 7)), else the string."""
+    import ast
+    import json
+
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            pass
+    return text
+
+
+def _convert(args) -> int:
+    from .errors import ConfigError, WeightError
+    from .weights.convert import FORMATS, LOAD_HINTS, destination_format, read_checkpoint, write_checkpoint
+
+    config = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"convert: --config expects key=value, got {item!r}", file=sys.stderr)
+            return 2
+        config[key.strip()] = _config_value(value.strip())
+    try:
+        fmt = destination_format(args.dst)
+    except ValueError as e:
+        print(f"convert: {e}", file=sys.stderr)
+        return 2
+    try:
+        ckpt = read_checkpoint(args.src, args.source, block=args.block, config=config, prefix=args.prefix)
+        write_checkpoint(ckpt, args.dst)
+    except (ConfigError, WeightError, FileNotFoundError, ImportError, ValueError) as e:
+        print(f"convert: {e}", file=sys.stderr)
+        return 1
+    print(ckpt.summary())
+    print(f"wrote {len(ckpt.weights)} tensors to {args.dst} ({FORMATS[fmt][0]}); read it back with: "
+          f"{LOAD_HINTS[fmt]}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nlattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +103,18 @@ def main(argv=None) -> int:
     g = sub.add_parser("golden", help="regenerate the golden vectors from the reference "
                        "(a deliberate change of semantics: review the diff)")
     g.set_defaults(func=_golden)
+    v = sub.add_parser("convert", help="convert a published or canonical checkpoint to canonical "
+                       ".safetensors, a torch .pt state dict, Keras .weights.h5 or a Flax .msgpack")
+    v.add_argument("src", metavar="SRC", help="checkpoint file (.safetensors, .pt/.pth, .pkl, .npz)")
+    v.add_argument("dst", metavar="DST", help="output file: .safetensors (canonical, with metadata), "
+                   ".pt/.pth (torch state dict), .weights.h5 (Keras) or .msgpack (Flax nnx state)")
+    v.add_argument("--source", help="published source naming: alexhex7, caffe2, timm, danet, sagan, "
+                   "ccnet, rga, cfpnet (default: SRC is already canonical)")
+    v.add_argument("--block", help="block class name when SRC holds canonical names without nlattn metadata")
+    v.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor keyword (repeatable), e.g. --config mode=dot_product")
+    v.add_argument("--prefix", help="key prefix of the block inside a bigger checkpoint")
+    v.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -551,6 +551,9 @@ class ExplicitVisualCenterConfig(BlockConfig):
     gn_eps: float = 1e-5
     bn_momentum: float = 0.1
     layer_scale_init: float = 1e-5
+    # the codeword encoding's BatchNorm1d: CFPNet (YOLOX's init_yolo) retunes only the BatchNorm2d layers
+    encoding_bn_eps: float = 1e-5
+    encoding_bn_momentum: float = 0.1
 
     def validate(self):
         b = self.block
@@ -571,7 +574,7 @@ class ExplicitVisualCenterConfig(BlockConfig):
             Conv(f"{cb}.residual_conv", c, c, (1, 1), bias=False), bn(f"{cb}.residual_bn", c, ce),
             Conv("lvc.LVC.0", c, c, (1, 1), bias=False), bn("lvc.LVC.1", c),
             Param("lvc.LVC.3.codewords", (k, c)), Param("lvc.LVC.3.scale", (k,)),
-            bn("lvc.LVC.4", k),
+            BatchNorm("lvc.LVC.4", k, self.encoding_bn_eps, self.encoding_bn_momentum),
             Dense("lvc.fc.0", c, c),
             Conv("l_MLP.dw.dconv.conv", c, c, (1, 1), bias=False, groups=c), bn("l_MLP.dw.dconv.bn", c),
             Conv("l_MLP.dw.pconv.conv", c, c, (1, 1), bias=False), bn("l_MLP.dw.pconv.bn", c),

@@ -105,6 +105,6 @@ def available_adapters(names=None) -> tuple[list[Adapter], dict[str, str]]:
     for name in names or BUILTIN:
         try:
             adapters.append(load_adapter(name))
-        except ImportError as e:
+        except (ImportError, AttributeError) as e:   # framework absent, or an adapter class missing
             missing[name] = str(e)
     return adapters, missing

@@ -90,7 +90,8 @@ CASES: tuple[Case, ...] = (
     # EVC
     case("evc", "ExplicitVisualCenter", (2, 8, 5, 6), in_channels=8),
     case("evc-codes8", "ExplicitVisualCenter", (2, 12, 4, 5), in_channels=12, num_codes=8, mlp_ratio=2,
-         bn_eps=1e-4, conv_block_bn_eps=1e-3, gn_eps=1e-4, bn_momentum=0.2, layer_scale_init=1e-3),
+         bn_eps=1e-4, conv_block_bn_eps=1e-3, gn_eps=1e-4, bn_momentum=0.2, layer_scale_init=1e-3,
+         encoding_bn_eps=2e-3, encoding_bn_momentum=0.05),
     # classical non-local means and the Scale gate
     case("nlmeans", "NonLocalMeans", (2, 1, 12, 13), patch_size=3, patch_distance=2, h=0.3),
     case("nlmeans-color-sigma", "NonLocalMeans", (2, 3, 11, 10), patch_size=5, patch_distance=3, h=0.4,

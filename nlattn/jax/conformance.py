@@ -1,0 +1,128 @@
+"""The Flax adapters of the conformance suite (channels-first float64 in, channels-last Flax inside).
+
+``FlaxAdapter`` ("flax") runs every block with ``implementation="auto"`` (its fast path) and a small
+``query_chunk_size``, so that the catalogue's small inputs run several query chunks, the last one
+ragged; ``FlaxNaiveAdapter`` ("flax-naive") runs the materialising path. Forward passes and
+gradients are ``jax.jit``-compiled, keyed on the block's ``nnx`` graph definition, so a block of
+the same structure reuses the compiled function (``tests/test_flax.py`` checks jit == eager).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..conformance.adapter import Adapter
+from . import BLOCKS, load_weights
+from ._weights import canonical
+
+# DESIGN §5: no reduced-precision matmuls (TF32 and friends on accelerators)
+jax.config.update("jax_default_matmul_precision", "float32")
+
+
+def _to_last(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, 1, -1) if x.ndim >= 3 else x
+
+
+def _to_first(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.moveaxis(x, -1, 1) if x.ndim >= 3 else x
+
+
+#: the catalogue's inputs are tiny: compile time dominates, so skip LLVM's optimisation passes
+#: (LLVM code generation only: the HLO passes, hence fusion and numerics, are unchanged)
+_JIT = dict(compiler_options={"xla_backend_optimization_level": 0})
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), **_JIT)
+def _apply(graphdef, state, x, return_attention: bool):
+    """(outputs, state after the call: BatchNorm running statistics updated in train mode)."""
+    module = nnx.merge(graphdef, state)
+    out = module(x, return_attention=True) if return_attention else module(x)
+    return out, nnx.state(module)
+
+
+@functools.partial(jax.jit, static_argnums=0, **_JIT)
+def _grads(graphdef, params, rest, x, cotangent):
+    def objective(params, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x) * cotangent)
+    return jax.grad(objective, argnums=(0, 1))(params, x)
+
+
+def _materialise_zeros(module: nnx.Module) -> None:
+    """Give an ``nnx.eval_shape``-built block concrete (zero) variables of the right shapes."""
+    state = nnx.state(module)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)
+    nnx.update(module, zeros)
+
+
+class FlaxAdapter(Adapter):
+    name = "flax"
+    dtypes = ("float32",)
+    unbiased_running_var = False     # nnx.BatchNorm updates running var with the biased variance
+    supports_gradients = True
+    implementation = "auto"
+    #: queries per step of the chunked softmax attention: small, so the cases run several chunks
+    query_chunk_size = 8
+
+    def build(self, block, config, dtype):
+        """A block in eval mode with zero weights (the runner loads weights next).
+
+        Built under ``nnx.eval_shape``: random initialisers would compile once per shape, and the
+        published initialisation is tested on its own (tests/test_flax.py).
+        """
+        cls = BLOCKS[block]
+        kw = dict(config, implementation=self.implementation, param_dtype=jnp.dtype(dtype))
+        if cls.has_fast_path:
+            kw["query_chunk_size"] = self.query_chunk_size
+        m = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0)))
+        _materialise_zeros(m)
+        m.eval()
+        return m
+
+    def load_weights(self, module, weights):
+        load_weights(module, weights)
+
+    def _input(self, module, x):
+        return jnp.asarray(_to_last(np.asarray(x)).astype(module.param_dtype))
+
+    def _call(self, module, x, return_attention=False):
+        graphdef, state = nnx.split(module)
+        out, state = _apply(graphdef, state, x, return_attention)
+        nnx.update(module, state)
+        return out
+
+    def forward(self, module, x, *, training=False, return_attention=False):
+        xin = self._input(module, x)
+        if training:
+            module.train()
+        try:
+            if not return_attention:
+                return _to_first(self._call(module, xin))
+            out, attn = self._call(module, xin, return_attention=True)
+        finally:
+            module.eval()
+        return _to_first(out), np.asarray(attn, dtype=np.float64)
+
+    def running_stats(self, module):
+        return {k: v.astype(np.float64) for k, v in canonical(module).items()
+                if k.endswith(("running_mean", "running_var"))}
+
+    def gradients(self, module, x, cotangent):
+        module.eval()
+        xin = self._input(module, x)
+        cot = jnp.asarray(_to_last(np.asarray(cotangent)), dtype=xin.dtype)
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+        gparams, gx = _grads(graphdef, params, rest, xin, cot)
+        gw = canonical(module, gparams, trainable_only=True)
+        return _to_first(gx), {k: v.astype(np.float64) for k, v in gw.items()}
+
+
+class FlaxNaiveAdapter(FlaxAdapter):
+    """Every block on its readable, materialising path (``implementation="naive"``)."""
+    name = "flax-naive"
+    implementation = "naive"

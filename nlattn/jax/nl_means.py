@@ -1,0 +1,89 @@
+"""Classical non-local means (Buades et al.), scikit-image ``denoise_nl_means`` semantics, in jnp.
+
+Semantics (see ``nlattn.numpy_ref.nl_means`` for the full account): Gaussian-weighted s×s patch
+distances on the reflect-padded image, a search window of (2d+1)² candidates clipped at the image
+border, the early exit (a partial distance > 5 after any of patch rows 0 … s−2 gives weight 0) and
+scikit-image's ``fast_exp`` bit trick, emulated here without float64. Gradients are those of the
+reference's derivative function (``non_local_means_envelope``): the bit trick's piecewise-constant
+staircase gets the slope of the envelope it samples (see ``fast_exp``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..numpy_ref.nl_means import _EXP_A, _EXP_BC, DISTANCE_CUTOFF, patch_kernel
+from ..specs import NonLocalMeansConfig
+from ._base import Block
+
+
+def fast_exp(y: jax.Array) -> jax.Array:
+    """scikit-image's approximate exp for y <= 0 without float64, differentiable.
+
+    Its float64 has the high word ``hi = trunc(EXP_A·y) + EXP_BC`` and a zero low word, i.e. the
+    value 2**(hi >> 20 − 1023) · (1 + (hi & 0xFFFFF) / 2**20); 0 where ``hi`` would be negative.
+
+    The value is that staircase exactly; its derivative is the slope of the continuous envelope
+    it samples (``nlattn.numpy_ref.nl_means.fast_exp_envelope``), 2**(E − 1023) / ln 2 in the
+    binade of exponent E (0 where the value is 0), through a straight-through term
+    ``slope · (y − stop_gradient(y))`` that is exactly 0 in value.
+    """
+    t = jnp.trunc(_EXP_A * jnp.maximum(y, -1000.0))          # |t| < 2**31: fits an int32
+    hi = t.astype(jnp.int32) + _EXP_BC
+    exponent = (hi >> 20) - 1023
+    valid = hi >= 0
+    mantissa = 1.0 + (hi & 0xFFFFF).astype(y.dtype) / (1 << 20)
+    value = jnp.where(valid, jnp.ldexp(mantissa, exponent), 0.0).astype(y.dtype)
+    slope = jnp.where(valid, jnp.ldexp(jnp.asarray(1.0 / math.log(2.0), y.dtype), exponent), 0.0)
+    return value + jax.lax.stop_gradient(slope.astype(y.dtype)) * (y - jax.lax.stop_gradient(y))
+
+
+class NonLocalMeans(Block):
+    """Non-local means of (B, H, W, C) images -> (B, H, W, C); no weights, no attention map.
+
+    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0. The C channels of one image
+    share their patch weights (scikit-image's ``channel_axis``).
+    """
+    config_class = NonLocalMeansConfig
+
+    def __call__(self, x):
+        """x (B, H, W, C) -> the filtered image (B, H, W, C)."""
+        x = self.check_input(x)
+        cfg = self.spec
+        b, height, width, c = x.shape
+        s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
+        w = np.asarray(patch_kernel(s, c, cfg.h), dtype=x.dtype)               # (s, s) constants
+        noise = c * 2.0 * cfg.sigma * cfg.sigma
+
+        padded = jnp.pad(x, ((0, 0), (o, o), (o, o), (0, 0)), mode="reflect")  # every pixel a patch
+        # candidates beyond the border are never used: pad by d more so every offset is a slice
+        far = jnp.pad(padded, ((0, 0), (d, d), (d, d), (0, 0)))
+        xs = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+        rows_idx = jnp.arange(height)[:, None]
+        cols_idx = jnp.arange(width)[None, :]
+
+        def step(carry, offset):
+            num, den = carry
+            di, dj = offset[0], offset[1]
+            other = jax.lax.dynamic_slice(far, (0, d + di, d + dj, 0), padded.shape)
+            sq = ((padded - other) ** 2).sum(-1) - noise                     # (B, H+2o, W+2o)
+            rows = [sum(w[k, l] * sq[:, k:k + height, l:l + width] for l in range(s)) for k in range(s)]
+            partial = rows[0]
+            cut = jnp.zeros(partial.shape, bool)
+            for row in rows[1:]:   # tested before each of rows 1 … s−1 is added
+                cut = cut | (partial > DISTANCE_CUTOFF)
+                partial = partial + row
+            inside = ((rows_idx + di >= 0) & (rows_idx + di < height)
+                      & (cols_idx + dj >= 0) & (cols_idx + dj < width))
+            weight = jnp.where(cut | ~inside, 0.0, fast_exp(-jnp.maximum(partial, 0.0)))
+            candidate = jax.lax.dynamic_slice(xs, (0, d + di, d + dj, 0), x.shape)
+            return (num + weight[..., None] * candidate, den + weight), None
+
+        offsets = jnp.array([(i, j) for i in range(-d, d + 1) for j in range(-d, d + 1)], jnp.int32)
+        init = (jnp.zeros_like(x), jnp.zeros((b, height, width), x.dtype))
+        (num, den), _ = jax.lax.scan(step, init, offsets)
+        return num / den[..., None]

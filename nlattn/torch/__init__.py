@@ -1,0 +1,24 @@
+"""nlattn blocks as ``torch.nn.Module``s (channels-first: NCL, NCHW, NCTHW).
+
+Every class takes the keywords of its config (``nlattn.make_config``), keeps it as ``.spec``, and
+has ``state_dict()`` keys equal to the canonical weight names (DESIGN §3). Attention blocks'
+``forward(x, return_attention=False)`` also returns their relation map when asked.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("nlattn.torch needs PyTorch, which is not installed: pip install nlattn[torch]") from e
+
+from ._common import Block
+from ._weights import blocks, export_weights, load_weights
+from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
+from .evc import ExplicitVisualCenter
+from .nl_means import NonLocalMeans
+from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
+from .rga import RelationAwareAttention
+from .scale import Scale
+
+__all__ = ["Block", "ChannelAttention", "CrissCrossAttention", "ExplicitVisualCenter", "NonLocalBlock1D",
+           "NonLocalBlock2D", "NonLocalBlock3D", "NonLocalMeans", "PositionAttention",
+           "RelationAwareAttention", "Scale", "SelfAttention", "blocks", "export_weights", "load_weights"]

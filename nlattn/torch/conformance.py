@@ -1,0 +1,79 @@
+"""``TorchAdapter`` (fast paths, ``implementation="auto"``) and ``TorchNaiveAdapter`` (the
+materialising paths): nlattn.torch under the conformance suite (float32, float64, bfloat16; autograd)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import torch as blocks_module
+from ..conformance.adapter import Adapter
+from ..specs import tensors
+from ._weights import _as_numpy, export_weights, load_weights
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Built:
+    module: torch.nn.Module
+    dtype: torch.dtype
+
+
+class TorchAdapter(Adapter):
+    """Blocks built with ``implementation="auto"``: the fast paths (SDPA, re-association, sorting)."""
+    name = "torch"
+    dtypes = ("float32", "float64", "bfloat16")
+    unbiased_running_var = True
+    supports_gradients = True
+    implementation = "auto"
+
+    def __init__(self):
+        torch.set_float32_matmul_precision("highest")   # no TF32 (DESIGN §5)
+
+    def build(self, block, config, dtype):
+        module = getattr(blocks_module, block)(**config, implementation=self.implementation).to(DTYPES[dtype])
+        return Built(module.eval(), DTYPES[dtype])
+
+    def load_weights(self, built, weights):
+        load_weights(built.module, weights)
+
+    def _input(self, built, x):
+        return torch.from_numpy(np.asarray(x, dtype=np.float64)).to(built.dtype)
+
+    def forward(self, built, x, *, training=False, return_attention=False):
+        m = built.module
+        m.train(training)
+        xt = self._input(built, x)
+        try:
+            with torch.no_grad():
+                out = m(xt, return_attention=True) if return_attention else m(xt)
+        finally:
+            m.eval()
+        if return_attention:
+            return tuple(_as_numpy(t).astype(np.float64) for t in out)
+        return _as_numpy(out).astype(np.float64)
+
+    def running_stats(self, built):
+        kinds = tensors(built.module.spec.schema())
+        return {k: v.astype(np.float64) for k, v in export_weights(built.module).items()
+                if kinds[k].kind in ("bn_mean", "bn_var")}
+
+    def gradients(self, built, x, cotangent):
+        m = built.module.eval()
+        m.zero_grad(set_to_none=True)
+        xt = self._input(built, x).requires_grad_(True)
+        out = m(xt)
+        (out * torch.from_numpy(np.asarray(cotangent)).to(out.dtype)).sum().backward()
+        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for name, p in m.named_parameters()}
+        return (_as_numpy(xt.grad).astype(np.float64),
+                {k: _as_numpy(g).astype(np.float64) for k, g in grads.items()})
+
+
+class TorchNaiveAdapter(TorchAdapter):
+    """Blocks built with ``implementation="naive"``: every relation map materialised."""
+    name = "torch-naive"
+    implementation = "naive"
