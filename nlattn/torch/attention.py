@@ -14,6 +14,15 @@ def _softmax(e, dim=-1):
     return torch.softmax(e, dim=dim, dtype=work_dtype(e.dtype)).to(e.dtype)
 
 
+def _add_qkv(block):
+    """The SAGAN / PAM / CCNet parameters, registered in schema order."""
+    L = layers(block.spec)
+    block.query_conv = conv(L["query_conv"])
+    block.key_conv = conv(L["key_conv"])
+    block.value_conv = conv(L["value_conv"])
+    block.gamma = param(L["gamma"])
+
+
 class _QKV(Block):
     """Blocks with 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio), ``value_conv`` (C -> C)
     and a residual gate ``gamma`` (shape (1,), 0 at init, so the block starts as the identity).
@@ -22,11 +31,7 @@ class _QKV(Block):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        L = layers(self.spec)
-        self.query_conv = conv(L["query_conv"])
-        self.key_conv = conv(L["key_conv"])
-        self.value_conv = conv(L["value_conv"])
-        self.gamma = param(L["gamma"])
+        _add_qkv(self)
         self._finish()
 
     def forward(self, x, return_attention: bool = False):
@@ -90,11 +95,7 @@ class CrissCrossAttention(Block):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        L = layers(self.spec)
-        self.query_conv = conv(L["query_conv"])
-        self.key_conv = conv(L["key_conv"])
-        self.value_conv = conv(L["value_conv"])
-        self.gamma = param(L["gamma"])
+        _add_qkv(self)
         self._finish()
 
     def forward(self, x, return_attention: bool = False):

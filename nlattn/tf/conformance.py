@@ -1,0 +1,119 @@
+"""Keras conformance adapters: canonical channels-first NumPy in and out (DESIGN §5).
+
+``KerasAdapter`` ("keras", channels_last) and ``KerasChannelsFirstAdapter`` ("keras-cf") run the
+layers with ``implementation="auto"`` (the fast paths; query chunks of ``query_chunk_size=16`` so
+that the small conformance shapes run several chunks, a ragged last one included);
+``KerasNaiveAdapter`` ("keras-naive") runs ``implementation="naive"``, every relation map
+materialised.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from ..conformance.adapter import Adapter
+from . import _weights
+
+#: blocks that take ``query_chunk_size`` (their fast path is query-chunked softmax attention)
+CHUNKED = ("NonLocalBlock1D", "NonLocalBlock2D", "NonLocalBlock3D", "SelfAttention", "PositionAttention")
+
+
+class KerasAdapter(Adapter):
+    """Runs nlattn.tf layers in ``data_format`` ("keras": channels_last, "keras-cf": channels_first)."""
+
+    dtypes = ("float32",)
+    unbiased_running_var = False   # Keras updates moving_variance with the biased batch variance
+    implementation = "auto"
+    query_chunk_size = 16
+
+    def __init__(self, data_format: str = "channels_last"):
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
+        self.data_format = data_format
+        suffix = "" if self.implementation == "auto" else f"-{self.implementation}"
+        self.name = ("keras" if data_format == "channels_last" else "keras-cf") + suffix
+        self.supports_gradients = keras.backend.backend() == "tensorflow"
+
+    # canonical (B, C, *S) <-> the layer's layout
+    def _to_layer(self, x):
+        return np.moveaxis(x, 1, -1) if self.data_format == "channels_last" else x
+
+    def _from_layer(self, y):
+        return np.moveaxis(y, -1, 1) if self.data_format == "channels_last" else y
+
+    def build(self, block, config, dtype):
+        from .. import tf as nltf
+        kw = {"implementation": self.implementation, "dtype": dtype}
+        if block != "Scale":
+            kw["data_format"] = self.data_format
+        if block in CHUNKED:
+            kw["query_chunk_size"] = self.query_chunk_size
+        layer = getattr(nltf, block)(**config, **kw)
+        _weights.ensure_built(layer)
+        return layer
+
+    def load_weights(self, module, weights):
+        _weights.load_weights(module, weights)
+
+    def forward(self, module, x, *, training=False, return_attention=False):
+        xin = keras.ops.convert_to_tensor(self._to_layer(x), dtype=module.compute_dtype)
+        result = self._call(module, xin, training, return_attention)
+        out, attn = result if return_attention else (result, None)
+        out = self._from_layer(keras.ops.convert_to_numpy(out).astype(np.float64))
+        if return_attention:
+            return out, keras.ops.convert_to_numpy(attn).astype(np.float64)
+        return out
+
+    @staticmethod
+    def _call(module, xin, training, return_attention):
+        """The layer's forward; on Keras's jax backend compiled as one ``jax.jit`` of its
+        ``stateless_call`` (op-by-op jax dispatch compiles every op separately: minutes per suite)."""
+        kw = {"return_attention": True} if return_attention else {}
+        if keras.backend.backend() != "jax":
+            return module(xin, training=training, **kw)
+        import jax   # Keras's own backend here: already imported by keras
+
+        def stateless(trainable, non_trainable, x):
+            return module.stateless_call(trainable, non_trainable, x, training=training, **kw)
+
+        result, updated = jax.jit(stateless)([v.value for v in module.trainable_variables],
+                                             [v.value for v in module.non_trainable_variables], xin)
+        for var, value in zip(module.non_trainable_variables, updated):
+            var.assign(value)
+        return result
+
+    def running_stats(self, module):
+        return {name: keras.ops.convert_to_numpy(var).astype(np.float64)
+                for name, (var, t) in _weights.resolve(module).items() if t.kind in ("bn_mean", "bn_var")}
+
+    def gradients(self, module, x, cotangent):
+        import tensorflow as tf
+
+        table = {name: (var, t) for name, (var, t) in _weights.resolve(module).items()
+                 if t.kind not in ("bn_mean", "bn_var")}
+        xin = tf.constant(self._to_layer(x), dtype=module.compute_dtype)
+        cot = tf.constant(self._to_layer(cotangent), dtype=module.compute_dtype)
+        variables = [var.value for var, _ in table.values()]
+        with tf.GradientTape() as tape:
+            tape.watch(xin)
+            tape.watch(variables)
+            loss = tf.reduce_sum(module(xin, training=False) * cot)
+        gx, *gw = tape.gradient(loss, [xin, *variables],
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = {name: _weights.to_canonical(t, np.asarray(g, dtype=np.float64))
+                 for (name, (_, t)), g in zip(table.items(), gw)}
+        return self._from_layer(np.asarray(gx, dtype=np.float64)), grads
+
+
+class KerasChannelsFirstAdapter(KerasAdapter):
+    """"keras-cf": the layers with ``data_format="channels_first"``."""
+
+    def __init__(self):
+        super().__init__("channels_first")
+
+
+class KerasNaiveAdapter(KerasAdapter):
+    """"keras-naive": ``implementation="naive"`` (channels_last), every relation map materialised."""
+
+    implementation = "naive"

@@ -1,0 +1,88 @@
+"""Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False) in keras.ops."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from ..numpy_ref.nl_means import _EXP_A, _EXP_BC, DISTANCE_CUTOFF, patch_kernel
+from ._base import Block
+
+#: float64 exponent bias minus float32's (1023 - 127), in units of the high word's exponent field
+_REBIAS = (1023 - 127) << 20
+_LN2 = math.log(2.0)
+
+
+def fast_exp(y):
+    """scikit-image's ``fast_exp`` for y <= 0 (Schraudolph's bit trick), with the slope of its envelope.
+
+    Forward: the float64 whose high word is ``hi = trunc(EXP_A·y) + EXP_BC`` (low word 0) has a
+    20-bit mantissa, so it is written exactly as a float32 (exponent re-biased, mantissa shifted by
+    3); 0 where it is below float32's normal range (the reference's 0 for hi < 0 included).
+    Backward: the staircase has derivative 0 almost everywhere, so the gradient is that of the
+    continuous envelope it samples (``numpy_ref.nl_means.fast_exp_envelope``), 2**(E - 1023) / ln 2
+    in the binade of exponent E, by a straight-through term that is exactly 0 in value.
+    """
+    y32 = ops.cast(ops.stop_gradient(y), "float32")
+    t = ops.trunc(_EXP_A * ops.maximum(y32, -1000.0))                  # |t| < 2**31: an int32
+    hi = ops.cast(t, "int32") + (_EXP_BC - _REBIAS)                     # high word, float32 bias
+    bits = ops.where(hi > 0, hi * 8, 0)                                 # << 3: 20 -> 23 mantissa bits
+    fe = ops.view(bits, "float32")
+    slope = ops.view(ops.bitwise_and(bits, 0x7F800000), "float32") / _LN2   # mantissa cleared
+    fe, slope = ops.cast(fe, y.dtype), ops.cast(slope, y.dtype)
+    return fe + ops.stop_gradient(slope) * (y - ops.stop_gradient(y))
+
+
+@keras.saving.register_keras_serializable(package="nlattn")
+class NonLocalMeans(Block):
+    """Non-local means of (B, H, W, C) / (B, C, H, W) -> same shape; no weights, no attention map.
+
+    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0, data_format=None. The C
+    channels of one image share their patch weights (scikit-image's ``channel_axis``); the
+    reference's quirks (clipped search window, partial-distance cutoff, fast_exp) are reproduced.
+    """
+    block = "NonLocalMeans"
+
+    def forward(self, x, training, return_attention):
+        cfg = self.spec
+        _, height, width, c = (int(n) if n is not None else None for n in x.shape)
+        s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
+        w = patch_kernel(s, c, cfg.h).tolist()                                  # (s, s) constants
+        noise = c * 2.0 * cfg.sigma * cfg.sigma
+        padded = ops.pad(x, [[0, 0], [o, o], [o, o], [0, 0]], mode="reflect")   # every pixel a patch
+        # candidates beyond the image are never used (their weight is masked to 0): pad by d more
+        # with zeros so that every offset is one slice of the same shape
+        far = ops.pad(padded, [[0, 0], [d, d], [d, d], [0, 0]])
+        xs = ops.pad(x, [[0, 0], [d, d], [d, d], [0, 0]])
+        rows_idx = ops.arange(height)[:, None]
+        cols_idx = ops.arange(width)[None, :]
+        side = 2 * d + 1
+
+        def step(index, carry):            # one search offset (di, dj), row-major like the reference
+            num, den = carry
+            di, dj = index // side - d, index % side - d
+            other = ops.slice(far, [0, d + di, d + dj, 0], ops.shape(padded))
+            sq = ops.sum(ops.square(padded - other), axis=-1) - noise          # (B, H+2o, W+2o)
+            partial, cut = None, None
+            for k in range(s):                                                 # patch rows
+                row = sum(w[k][l] * sq[:, k:k + height, l:l + width] for l in range(s))
+                if partial is None:
+                    partial = row
+                    continue
+                # the cutoff is tested before rows 1 … s−1 are added (never on the full sum)
+                over = partial > DISTANCE_CUTOFF
+                cut = over if cut is None else ops.logical_or(cut, over)
+                partial = partial + row
+            inside = ops.logical_and(
+                ops.logical_and(rows_idx + di >= 0, rows_idx + di < height),
+                ops.logical_and(cols_idx + dj >= 0, cols_idx + dj < width))
+            drop = ops.logical_not(inside) if cut is None else ops.logical_or(cut, ops.logical_not(inside))
+            weight = fast_exp(-ops.maximum(partial, 0.0))
+            weight = ops.where(drop, ops.zeros_like(weight), weight)
+            candidate = ops.slice(xs, [0, d + di, d + dj, 0], ops.shape(x))
+            return num + weight[..., None] * candidate, den + weight[..., None]
+
+        num, den = ops.fori_loop(0, side * side, step, (ops.zeros_like(x), ops.zeros_like(x[..., :1])))
+        return num / den
