@@ -255,10 +255,14 @@ def check_float_dtype(block: str, dtype) -> None:
     import numpy as np
 
     name = str(dtype).rsplit(".", 1)[-1].strip("'>")
-    try:
-        ok = np.issubdtype(np.dtype(name), np.floating)
-    except TypeError:
-        ok = name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    # checked by name first: once ml_dtypes is imported (by jax or tensorflow) numpy knows
+    # "bfloat16", but not as a subtype of np.floating
+    ok = name in ("bfloat16", "float16") or name.startswith("float8_")
+    if not ok:
+        try:
+            ok = np.issubdtype(np.dtype(name), np.floating)
+        except TypeError:
+            ok = False
     if not ok:
         raise InputError(f"{block}: expected a floating-point input, got dtype {name}")
 

@@ -349,3 +349,15 @@ def test_weight_errors_list_every_problem():
 
 def test_every_block_has_a_reference_and_a_config():
     assert set(ref.REFERENCE) == set(nlattn.BLOCKS)
+
+
+def test_float_dtype_check_knows_low_precision_floats_once_ml_dtypes_is_loaded():
+    import ml_dtypes  # noqa: F401  (jax and tensorflow load it: numpy then knows "bfloat16")
+
+    from nlattn.specs import check_float_dtype
+    for ok in ("bfloat16", "torch.bfloat16", np.dtype("bfloat16"), "float16", np.float32,
+               "float8_e4m3fn", "<class 'jax.numpy.float64'>"):
+        check_float_dtype("NonLocalBlock2D", ok)
+    for bad in ("int32", "torch.int64", np.dtype(bool), "complex64", "uint8"):
+        with pytest.raises(InputError, match="NonLocalBlock2D: expected a floating-point input"):
+            check_float_dtype("NonLocalBlock2D", bad)
