@@ -14,25 +14,24 @@ def _softmax(e, dim=-1):
     return torch.softmax(e, dim=dim, dtype=work_dtype(e.dtype)).to(e.dtype)
 
 
-def _add_qkv(block):
+class _QKVBlock(Block):
     """The SAGAN / PAM / CCNet parameters, registered in schema order."""
-    L = layers(block.spec)
-    block.query_conv = conv(L["query_conv"])
-    block.key_conv = conv(L["key_conv"])
-    block.value_conv = conv(L["value_conv"])
-    block.gamma = param(L["gamma"])
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        L = layers(self.spec)
+        self.query_conv = conv(L["query_conv"])
+        self.key_conv = conv(L["key_conv"])
+        self.value_conv = conv(L["value_conv"])
+        self.gamma = param(L["gamma"])
+        self._finish()
 
 
-class _QKV(Block):
+class _QKV(_QKVBlock):
     """Blocks with 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio), ``value_conv`` (C -> C)
     and a residual gate ``gamma`` (shape (1,), 0 at init, so the block starts as the identity).
     ``implementation="auto"`` runs the attention through SDPA's CPU flash kernel (q and k
     zero-padded to C channels), never storing the N×N map; ``"naive"`` materialises it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _add_qkv(self)
-        self._finish()
 
     def forward(self, x, return_attention: bool = False):
         """x (B, C, H, W) -> γ·out + x (B, C, H, W) [, attention (B, N, N), rows are queries]."""
@@ -84,7 +83,7 @@ class ChannelAttention(Block):
         return (y, attn) if return_attention else y
 
 
-class CrissCrossAttention(Block):
+class CrissCrossAttention(_QKVBlock):
     """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
 
     Pixel (i, j) attends to its column (itself masked out) and its row (itself included) with one
@@ -92,11 +91,6 @@ class CrissCrossAttention(Block):
     (B, C, H, W) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
     config_class = CrissCrossAttentionConfig
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _add_qkv(self)
-        self._finish()
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
