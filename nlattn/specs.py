@@ -145,6 +145,41 @@ def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
         raise WeightError(block, problems)
 
 
+def check_model_weights(name: str, blocks: Sequence[tuple[str, "BlockConfig"]],
+                        weights: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each block's own weights out of a model's flat canonical dict, all checked before any is used.
+
+    ``blocks`` lists (path, spec) of every nlattn block in the model (path "" for a lone block,
+    whose names are unprefixed). Raises one WeightError (named ``name``) listing every problem of
+    every block, tensors named by their full path, and every name no block claims; otherwise returns
+    the blocks' unprefixed dicts in order.
+    """
+    problems, owned, claimed = [], [], set()
+    for path, spec in blocks:
+        prefix = f"{path}." if path else ""
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        claimed.update(prefix + k for k in own)
+        try:
+            check_weights(spec.block, spec.schema(), own)
+        except WeightError as e:
+            problems += [_at_path(p, path, spec.block) for p in e.problems]
+        owned.append(own)
+    problems += [f"unexpected {k!r} (no nlattn block at that path)" for k in weights if k not in claimed]
+    if problems:
+        raise WeightError(name, problems)
+    return owned
+
+
+def _at_path(problem: str, path: str, block: str) -> str:
+    """A block's weight problem with its tensor named by the full path in the model."""
+    if not path:
+        return problem
+    import re
+
+    named = re.sub(r"'([^']*)'", lambda m: repr(f"{path}.{m.group(1)}"), problem, count=1)
+    return f"{named} ({block} at {path!r})"
+
+
 def random_weights(schema: Sequence[Layer], rng) -> dict[str, "np.ndarray"]:
     """Random float64 weights of a schema, scaled so activations stay O(1) (for tests, not training).
 

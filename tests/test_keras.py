@@ -404,7 +404,8 @@ def test_model_load_is_atomic_across_blocks():
     bad["nl2.theta.weight"] = np.zeros(1)
     with pytest.raises(WeightError) as e:
         nk.load_weights(model, bad)
-    assert "stage2.nl (NonLocalBlock2D): 'W.weight' has shape (1, 1)" in str(e.value)
+    assert "'stage2.nl.W.weight' has shape (1, 1)" in str(e.value)
+    assert "(NonLocalBlock2D at 'stage2.nl')" in str(e.value)
     assert "unexpected 'nl2.theta.weight'" in str(e.value)
     after = nk.export_weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..errors import WeightError
-from ..specs import Tensor, check_weights, tensors
+from ..specs import Tensor, check_model_weights, tensors
 from ._base import path_of
 
 #: canonical tensor kind -> Flax variable name (free parameters keep their own name)
@@ -107,34 +106,11 @@ def load_weights(model: nnx.Module, weights: Mapping[str, np.ndarray]) -> None:
     any failure nothing changes. Values are cast to the dtype of the variable they replace.
     """
     blocks = blocks_of(model)
-    weights = dict(weights)
-    if list(blocks) == [""]:
-        block = blocks[""]
-        check_weights(block.spec.block, block.spec.schema(), weights)
-        updates = [(block, _converted(block, weights))]
-    else:
-        problems, updates = [], []
-        claimed = set()
-        for prefix, block in blocks.items():
-            mine = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-            claimed.update(_join(prefix, k) for k in mine)
-            try:
-                check_weights(block.spec.block, block.spec.schema(), mine)
-            except WeightError as e:
-                problems += [_prefixed(prefix, p) for p in e.problems]
-                continue
-            updates.append((block, _converted(block, mine)))
-        problems += [f"unexpected {k!r} (no block at its prefix)" for k in weights if k not in claimed]
-        if problems:
-            raise WeightError(type(model).__name__, problems)
+    name = blocks[""].spec.block if list(blocks) == [""] else type(model).__name__
+    owned = check_model_weights(name, [(path, b.spec) for path, b in blocks.items()], dict(weights))
+    updates = [(block, _converted(block, own)) for block, own in zip(blocks.values(), owned)]
     for block, new in updates:
         nnx.update(block, new)
-
-
-def _prefixed(prefix: str, problem: str) -> str:
-    """'missing \'gamma\' ...' -> 'missing \'sa.gamma\' ...' (names are the first quoted word)."""
-    head, sep, rest = problem.partition("'")
-    return f"{head}{sep}{prefix}.{rest}" if sep else f"{prefix}: {problem}"
 
 
 def _converted(block: nnx.Module, weights: Mapping[str, np.ndarray]):

@@ -18,8 +18,7 @@ from typing import Mapping
 import keras
 import numpy as np
 
-from ..errors import WeightError
-from ..specs import Param, Tensor, check_weights
+from ..specs import Param, Tensor, check_model_weights
 
 #: canonical tensor kind -> attribute of the Keras sublayer
 ATTRIBUTE = {"conv_kernel": "kernel", "conv_bias": "bias", "dense_kernel": "kernel", "dense_bias": "bias",
@@ -134,23 +133,10 @@ def load_weights(model, weights) -> None:
     if not isinstance(weights, Mapping):
         raise TypeError(f"load_weights expects a dict of arrays or a path, got {type(weights).__name__}")
     found = blocks(model)
-    weights = {str(k): v for k, v in weights.items()}
-    problems, plan, claimed = [], [], set()
-    for path, block in found:
-        prefix = _join(path, "")
-        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        claimed.update(prefix + k for k in own)
-        table = resolve(block)
-        try:
-            check_weights(block.spec.block, block.spec.schema(), own)
-        except WeightError as e:
-            problems += [f"{path} ({block.spec.block}): {p}" if path else p for p in e.problems]
-        else:
-            plan.append((table, own))
-    problems += [f"unexpected {k!r} (no nlattn layer at that path)" for k in weights if k not in claimed]
-    if problems:
-        name = found[0][1].spec.block if found[0][0] == "" else f"{type(model).__name__} {model.name!r}"
-        raise WeightError(name, problems)
+    name = found[0][1].spec.block if found[0][0] == "" else f"{type(model).__name__} {model.name!r}"
+    owned = check_model_weights(name, [(path, b.spec) for path, b in found],
+                                {str(k): v for k, v in weights.items()})
+    plan = [(resolve(block), own) for (_, block), own in zip(found, owned)]
     staged = []
     for table, own in plan:
         for name, (var, t) in table.items():

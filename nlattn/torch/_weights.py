@@ -8,15 +8,13 @@ block's names are prefixed by its path (``layer3.1.nl.theta.weight``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import WeightError
-from ..specs import check_weights, tensors
+from ..specs import check_model_weights, tensors
 from ._common import Block
 
 
@@ -55,14 +53,6 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _in_model(problem: str, path: str, block: Block) -> str:
-    """A block's weight problem with the tensor named by its full path in the model."""
-    if not path:
-        return problem
-    named = re.sub(r"'([^']*)'", lambda m: repr(_join(path, m.group(1))), problem, count=1)
-    return f"{named} ({block.spec.block} at {path!r})"
-
-
 def export_weights(module: nn.Module) -> dict[str, np.ndarray]:
     """Canonical weights of a block, or of every nlattn block inside a model (prefixed by its path).
 
@@ -84,22 +74,10 @@ def load_weights(module: nn.Module, weights: Mapping) -> None:
     if not isinstance(weights, Mapping):
         raise TypeError(f"load_weights: expected a mapping of name -> array, got {type(weights).__name__}")
     found = blocks(module)
-    weights = {str(k): _as_numpy(v) for k, v in weights.items()}
-    problems, plan, claimed = [], [], set()
-    for path, block in found:
-        prefix = _join(path, "")
-        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        claimed.update(prefix + k for k in own)
-        try:
-            check_weights(block.spec.block, block.spec.schema(), own)
-        except WeightError as e:
-            problems += [_in_model(p, path, block) for p in e.problems]
-        else:
-            plan.append((block, own))
-    problems += [f"unexpected {k!r} (no nlattn block at that path)" for k in weights if k not in claimed]
-    if problems:
-        name = found[0][1].spec.block if found[0][0] == "" else type(module).__name__
-        raise WeightError(name, problems)
+    name = found[0][1].spec.block if found[0][0] == "" else type(module).__name__
+    owned = check_model_weights(name, [(path, b.spec) for path, b in found],
+                                {str(k): _as_numpy(v) for k, v in weights.items()})
+    plan = [(block, own) for (_, block), own in zip(found, owned)]
     staged = []
     for block, own in plan:
         live = _variables(block)
