@@ -5,15 +5,14 @@ One float64 NumPy reference (``nlattn.numpy_ref``) defines each block; ``nlattn.
 keywords. Importing ``nlattn`` never imports a framework.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import ConfigError, InputError, WeightError
 from .specs import CONFIGS, config_class, make_config
 
-#: every block class name (the same in nlattn.torch, nlattn.tf and nlattn.jax)
-BLOCKS = tuple(CONFIGS)
+#: every block: class name (the same in nlattn.torch, nlattn.tf and nlattn.jax) -> its config class
+BLOCKS = CONFIGS
 
-#: the framework-neutral weights API (DESIGN §2), imported on first use so `import nlattn` stays light
+#: the framework-neutral weights API (docs/design.md §2), imported on first use so `import nlattn` stays light
 _WEIGHTS_API = ("Checkpoint", "build", "export_weights", "from_checkpoint", "load_file", "load_weights",
                 "save_weights")
 

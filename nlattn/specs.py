@@ -1,13 +1,16 @@
 """One spec per block: a frozen, validated config and the canonical parameter schema.
 
-A config holds exactly the constructor keywords of the block (DESIGN.md §2) plus the numeric
+A config holds exactly the constructor keywords of the block (docs/design.md §2) plus the numeric
 conventions that frameworks disagree on (BN epsilon and momentum, always in PyTorch's convention:
 ``momentum=0.1`` means ``running = 0.9 * running + 0.1 * batch``).
 
-A schema is a tuple of *layers* (``Conv``, ``BatchNorm``, ``Dense``, ``GroupNorm``, ``Param``), each
-knowing its canonical tensor names (PyTorch ``state_dict`` keys) and their shapes. Framework adapters
-walk the schema and map each layer kind to their own variables, so no block needs a hand-written
-weight map.
+A schema is a tuple of *layers* (``Conv``, ``BatchNorm``, ``Dense``, ``GroupNorm``, ``Param``,
+``Gate``), each knowing its canonical tensor names (PyTorch ``state_dict`` keys), their shapes and
+its published initialisation. Every framework builds its sublayers from the schema and maps each
+tensor kind to its own variables, so no block needs a hand-written weight map or init code.
+
+Also here, written once for every framework: the binding of a block constructor's arguments
+(``parse_arguments``) and the constants of the non-local-means filter.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
 
 from .errors import ConfigError, InputError, WeightError
 
@@ -31,6 +36,13 @@ KINDS = (
     "norm_weight", "norm_bias",
     "param",
 )
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Initialise from U(low, high) (a published init the frameworks' defaults do not give)."""
+    low: float
+    high: float
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Conv:
     bias: bool = True
     groups: int = 1
     padding: tuple[int, ...] | None = None   # None: no padding ("valid")
+    zero_init: bool = False                  # kernel and bias start at 0 (else the framework's init)
 
     def tensors(self) -> Iterator[Tensor]:
         yield Tensor(f"{self.prefix}.weight",
@@ -66,6 +79,7 @@ class BatchNorm:
     num_features: int
     eps: float = 1e-5
     momentum: float = 0.1
+    zero_init: bool = False                  # weight (γ) and bias (β) start at 0 (else 1 and 0)
 
     def tensors(self) -> Iterator[Tensor]:
         n = (self.num_features,)
@@ -103,16 +117,31 @@ class GroupNorm:
 
 @dataclass(frozen=True)
 class Param:
-    """A free tensor used as is (SAGAN's gamma, EVC's codewords, layer scales)."""
+    """A free tensor used as is (EVC's codewords, layer scales), with its published init."""
     name: str
     shape: tuple[int, ...]
-    init: float | None = None   # a constant initial value where the anchors use one
+    init: float | Uniform   # a constant, or a uniform range
 
     def tensors(self) -> Iterator[Tensor]:
         yield Tensor(self.name, self.shape, "param")
 
 
+@dataclass(frozen=True)
+class Gate(Param):
+    """A residual gate γ of shape (1,): y = γ·out + x (SAGAN, DANet, CCNet); starts at ``init``.
+
+    A ``Param`` to every framework but Keras, which realises it as a ``Scale`` sublayer.
+    """
+    shape: tuple[int, ...] = (1,)
+    init: float | Uniform = 0.0
+
+
 Layer = Conv | BatchNorm | Dense | GroupNorm | Param
+
+
+def layer_name(layer: Layer) -> str:
+    """A schema layer's canonical prefix (the name of its tensor, for a Param)."""
+    return layer.name if isinstance(layer, Param) else layer.prefix
 
 
 def tensors(schema: Sequence[Layer]) -> dict[str, Tensor]:
@@ -123,8 +152,6 @@ def tensors(schema: Sequence[Layer]) -> dict[str, Tensor]:
 def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
                   *, allow_missing: bool = False) -> None:
     """Raise one WeightError listing every missing, extra, mis-shaped, non-float or non-finite tensor."""
-    import numpy as np
-
     expected = tensors(schema)
     problems = []
     if not allow_missing:
@@ -180,13 +207,11 @@ def _at_path(problem: str, path: str, block: str) -> str:
     return f"{named} ({block} at {path!r})"
 
 
-def random_weights(schema: Sequence[Layer], rng) -> dict[str, "np.ndarray"]:
+def random_weights(schema: Sequence[Layer], rng) -> dict[str, np.ndarray]:
     """Random float64 weights of a schema, scaled so activations stay O(1) (for tests, not training).
 
     Nothing is zero: identity-at-init weights would make every conformance case trivial.
     """
-    import numpy as np
-
     out = {}
     for layer in schema:
         if isinstance(layer, Conv):
@@ -234,6 +259,11 @@ class BlockConfig:
     attention: ClassVar[str | None] = None
     #: spatial rank of the input (2 for images)
     spatial_dims: ClassVar[int] = 2
+    #: whether ``implementation="auto"`` has a path of its own that never forms the N×M relation
+    fast_path: ClassVar[bool] = False
+    #: whether that path is softmax attention, which Keras and Flax run ``query_chunk_size``
+    #: queries at a time (torch's flash kernel tiles the queries itself)
+    query_chunked: ClassVar[bool] = False
 
     def __post_init__(self):
         self.validate()
@@ -243,6 +273,20 @@ class BlockConfig:
 
     def schema(self) -> tuple[Layer, ...]:
         return ()
+
+    def layers(self) -> dict[str, Layer]:
+        """The schema's layers by canonical prefix (by name for a Param), in schema order."""
+        return {layer_name(layer): layer for layer in self.schema()}
+
+    @property
+    def fixed_spatial_size(self) -> tuple[int, ...] | None:
+        """The only spatial size the block accepts, where its weights fix one (None: any)."""
+        return None
+
+    def example_input_shape(self, channels: int = 8) -> tuple[int, ...]:
+        """A small valid channels-first input shape (B = 1), e.g. to build a Keras layer."""
+        c = self.expected_channels() or channels
+        return (1, c, *(self.fixed_spatial_size or (4,) * self.spatial_dims))
 
     def to_dict(self) -> dict[str, Any]:
         """The constructor keywords (JSON-serialisable)."""
@@ -283,12 +327,14 @@ class BlockConfig:
     def check_spatial(self, spatial: tuple[int, ...]) -> None:
         if any(s < 1 for s in spatial):
             raise InputError(f"{self.block}: empty spatial size {spatial}")
+        fixed = self.fixed_spatial_size
+        if fixed is not None and tuple(spatial) != fixed:
+            raise InputError(f"{self.block}: built for spatial size {fixed} "
+                             f"(its weights mix the positions), got {tuple(spatial)}")
 
 
 def check_float_dtype(block: str, dtype) -> None:
     """Raise InputError unless ``dtype`` (anything numpy understands, or its name) is floating."""
-    import numpy as np
-
     name = str(dtype).rsplit(".", 1)[-1].strip("'>")
     # checked by name first: once ml_dtypes is imported (by jax or tensorflow) numpy knows
     # "bfloat16", but not as a subtype of np.floating
@@ -300,6 +346,66 @@ def check_float_dtype(block: str, dtype) -> None:
             ok = False
     if not ok:
         raise InputError(f"{block}: expected a floating-point input, got dtype {name}")
+
+
+# --- constructor arguments, the same in every framework --------------------------------------
+
+#: values of every block's ``implementation`` keyword: "auto" takes the block's fast path (never
+#: forming the N×M relation) unless the attention map is asked for; "naive" always takes the
+#: readable materialising path. Blocks without a fast path accept both.
+IMPLEMENTATIONS = ("auto", "naive")
+
+#: queries per step of the Keras / Flax chunked softmax attention
+DEFAULT_QUERY_CHUNK_SIZE = 1024
+
+
+@dataclass
+class Arguments:
+    """A block constructor's arguments, sorted: the config's fields and the framework's keywords."""
+    config: dict[str, Any]
+    implementation: str
+    query_chunk_size: int | None   # None where the framework's block takes no such keyword
+    rest: dict[str, Any]           # the framework's own keywords (dtype, rngs, data_format, ...)
+
+
+def parse_arguments(cls: type[BlockConfig], args: tuple, kwargs: dict[str, Any], *,
+                    chunked: bool) -> Arguments:
+    """Bind a block constructor's positional arguments to the config's fields in their order and
+    check ``implementation`` (and ``query_chunk_size`` where ``chunked`` and the block has a
+    chunked path); the config itself is validated by the caller (Keras may lack in_channels).
+    """
+    block = cls.block
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if len(args) > len(fields):
+        raise TypeError(f"{block}() takes at most {len(fields)} positional arguments "
+                        f"({', '.join(fields)}), got {len(args)}")
+    rest = dict(kwargs)
+    config = dict(zip(fields, args))
+    for name in [k for k in rest if k in fields]:
+        if name in config:
+            raise TypeError(f"{block}() got multiple values for argument {name!r}")
+        config[name] = rest.pop(name)
+    implementation = rest.pop("implementation", "auto")
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"{block}: implementation must be one of {IMPLEMENTATIONS}, "
+                          f"got {implementation!r}")
+    chunk = None
+    if chunked and cls.query_chunked:
+        chunk = rest.pop("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"{block}: query_chunk_size must be an integer >= 1, got {chunk!r}")
+    return Arguments(config, implementation, chunk, rest)
+
+
+def config_signature(cls: type[BlockConfig], *keywords: tuple[str, Any]):
+    """The signature a block class shows: the config's fields, then ``implementation`` and the
+    given framework keywords (name, default), keyword-only."""
+    import inspect
+
+    params = list(inspect.signature(cls).parameters.values())
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+               for name, default in (("implementation", "auto"), *keywords)]
+    return inspect.Signature(params)
 
 
 # --- non-local --------------------------------------------------------------------------------
@@ -330,6 +436,8 @@ class NonLocalConfig(BlockConfig):
     bn_momentum: float = 0.1
 
     attention: ClassVar[str] = "(B, N, M), or (B, heads, N, M) with num_heads > 1"
+    fast_path: ClassVar[bool] = True
+    query_chunked: ClassVar[bool] = True
 
     def validate(self):
         b = self.block
@@ -381,9 +489,10 @@ class NonLocalConfig(BlockConfig):
                 layers.append(Conv("phi", c, ci, k))
         if self.mode == "concatenation":
             layers.append(Conv("concat_project", 2 * ci, 1, (1, 1), bias=False))
-        layers.append(Conv("W", cv, c, k))
+        # the block starts as the identity: its last affine layer starts at zero (AlexHex7)
+        layers.append(Conv("W", cv, c, k, zero_init=not self.bn_layer))
         if self.bn_layer:
-            layers.append(BatchNorm("bn", c, self.bn_eps, self.bn_momentum))
+            layers.append(BatchNorm("bn", c, self.bn_eps, self.bn_momentum, zero_init=True))
         return tuple(layers)
 
     def check_spatial(self, spatial):
@@ -415,7 +524,7 @@ class NonLocalBlock3DConfig(NonLocalConfig):
 
 def _qkv_schema(c: int, cq: int) -> tuple[Layer, ...]:
     return (Conv("query_conv", c, cq, (1, 1)), Conv("key_conv", c, cq, (1, 1)),
-            Conv("value_conv", c, c, (1, 1)), Param("gamma", (1,), init=0.0))
+            Conv("value_conv", c, c, (1, 1)), Gate("gamma"))
 
 
 @dataclass(frozen=True)
@@ -443,6 +552,8 @@ class SelfAttentionConfig(_QKVConfig):
     """SAGAN self-attention: y = γ·softmax(QᵀK)-weighted V + x."""
     block: ClassVar[str] = "SelfAttention"
     attention: ClassVar[str] = "(B, N, N), rows are queries"
+    fast_path: ClassVar[bool] = True
+    query_chunked: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -450,6 +561,8 @@ class PositionAttentionConfig(_QKVConfig):
     """DANet position attention module (PAM)."""
     block: ClassVar[str] = "PositionAttention"
     attention: ClassVar[str] = "(B, N, N), rows are queries"
+    fast_path: ClassVar[bool] = True
+    query_chunked: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -476,7 +589,7 @@ class ChannelAttentionConfig(BlockConfig):
             _positive_int(self.block, "in_channels", self.in_channels)
 
     def schema(self):
-        return (Param("gamma", (1,), init=0.0),)
+        return (Gate("gamma"),)
 
 
 # --- RGA ----------------------------------------------------------------------------------------
@@ -568,11 +681,9 @@ class RelationAwareAttentionConfig(BlockConfig):
             layers += self._gate("W_channel", 1 + ci)
         return tuple(layers)
 
-    def check_spatial(self, spatial):
-        super().check_spatial(spatial)
-        if tuple(spatial) != self.spatial_size:
-            raise InputError(f"{self.block}: built for spatial size {self.spatial_size} "
-                             f"(its convs mix H*W positions), got {tuple(spatial)}")
+    @property
+    def fixed_spatial_size(self) -> tuple[int, ...]:
+        return self.spatial_size      # its convs mix the H*W positions
 
 
 # --- EVC ----------------------------------------------------------------------------------------
@@ -612,7 +723,9 @@ class ExplicitVisualCenterConfig(BlockConfig):
             Conv(f"{cb}.conv3", q, c, (1, 1), bias=False), bn(f"{cb}.bn3", c, ce),
             Conv(f"{cb}.residual_conv", c, c, (1, 1), bias=False), bn(f"{cb}.residual_bn", c, ce),
             Conv("lvc.LVC.0", c, c, (1, 1), bias=False), bn("lvc.LVC.1", c),
-            Param("lvc.LVC.3.codewords", (k, c)), Param("lvc.LVC.3.scale", (k,)),
+            # the encoding layer's init: codewords U(±1/√(KC)), negative smoothing scales U(-1, 0)
+            Param("lvc.LVC.3.codewords", (k, c), init=Uniform(-(k * c) ** -0.5, (k * c) ** -0.5)),
+            Param("lvc.LVC.3.scale", (k,), init=Uniform(-1.0, 0.0)),
             BatchNorm("lvc.LVC.4", k, self.encoding_bn_eps, self.encoding_bn_momentum),
             Dense("lvc.fc.0", c, c),
             Conv("l_MLP.dw.dconv.conv", c, c, (1, 1), bias=False, groups=c), bn("l_MLP.dw.dconv.bn", c),
@@ -627,6 +740,14 @@ class ExplicitVisualCenterConfig(BlockConfig):
 
 
 # --- non-local means and Scale --------------------------------------------------------------------
+
+#: partial patch distance above which scikit-image gives up on a candidate (its weight is 0)
+NL_MEANS_DISTANCE_CUTOFF = 5.0
+# scikit-image's fast_exp (skimage/_shared/fast_exp.h, after Schraudolph 1999): the upper 32 bits
+# of a float64 are set to trunc(FAST_EXP_A·y) + FAST_EXP_BC, the lower 32 bits to 0
+FAST_EXP_A = 1512775.3951951856938   # 2**20 / ln 2
+FAST_EXP_BC = 1072632447             # 1023·2**20 − 60801 (the min-RMS-error variant)
+
 
 @dataclass(frozen=True)
 class NonLocalMeansConfig(BlockConfig):
@@ -651,6 +772,24 @@ class NonLocalMeansConfig(BlockConfig):
             _fail(b, f"h must be a positive number, got {self.h!r}")
         if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
             _fail(b, f"sigma must be >= 0, got {self.sigma!r}")
+
+    def example_input_shape(self, channels: int = 8) -> tuple[int, ...]:
+        return (1, channels, self.patch_size, self.patch_size)
+
+    def patch_kernel(self, n_channels: int) -> np.ndarray:
+        """The (s, s) float64 Gaussian patch weights, summing to 1 / (C·h²).
+
+        s = 1 takes the A → 0 limit, a single tap (scikit-image's own kernel is NaN there).
+        """
+        s = self.patch_size
+        if s == 1:
+            w = np.ones((1, 1))
+        else:
+            a = (s - 1.0) / 4.0
+            r = np.arange(-(s // 2), s // 2 + 1, dtype=np.float64)
+            w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * a * a))
+        # same grouping as scikit-image: w *= 1 / (C * sum(w) * h * h)
+        return w * (1.0 / (n_channels * np.sum(w) * self.h * self.h))
 
     def check_spatial(self, spatial):
         super().check_spatial(spatial)

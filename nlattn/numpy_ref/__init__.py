@@ -9,6 +9,7 @@ receives the running-statistic updates under their canonical names.
 from __future__ import annotations
 
 from ..specs import config_class
+from ._common import DERIVATIVE_REFERENCE, REFERENCE
 from ._ops import RunningStats
 from .attention import (channel_attention, criss_cross_attention, position_attention,
                         self_attention)
@@ -17,25 +18,6 @@ from .nl_means import non_local_means, non_local_means_envelope
 from .non_local import non_local, non_local_1d, non_local_2d, non_local_3d
 from .rga import relation_aware_attention
 from .scale import scale
-
-#: block class name -> reference function
-REFERENCE = {
-    "NonLocalBlock1D": non_local_1d,
-    "NonLocalBlock2D": non_local_2d,
-    "NonLocalBlock3D": non_local_3d,
-    "SelfAttention": self_attention,
-    "PositionAttention": position_attention,
-    "ChannelAttention": channel_attention,
-    "CrissCrossAttention": criss_cross_attention,
-    "RelationAwareAttention": relation_aware_attention,
-    "ExplicitVisualCenter": explicit_visual_center,
-    "NonLocalMeans": non_local_means,
-    "Scale": scale,
-}
-
-#: blocks whose derivative is taken of a different function than the one they evaluate
-DERIVATIVE_REFERENCE = {"NonLocalMeans": non_local_means_envelope}
-
 
 def run(block: str, x, weights, config: dict, *, training: bool = False,
         stats: RunningStats | None = None, return_attention: bool = False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import InputError
@@ -32,6 +34,16 @@ def prepare(config_cls: type[BlockConfig], x, weights, config: dict, training: b
     return cfg, ctx, x.astype(np.float64)
 
 
-def layers(cfg: BlockConfig) -> dict:
-    """The schema's layers by prefix (or name, for free parameters)."""
-    return {getattr(layer, "prefix", getattr(layer, "name", None)): layer for layer in cfg.schema()}
+#: block class name -> its reference function, filled by ``@defines``
+REFERENCE: dict[str, Callable] = {}
+#: blocks whose derivative is taken of another function than the one they evaluate
+DERIVATIVE_REFERENCE: dict[str, Callable] = {}
+
+
+def defines(block: str, *, derivative: bool = False):
+    """Register the decorated function as the reference of ``block`` (or, with ``derivative``, as
+    the function whose derivatives define the block's gradients)."""
+    def register(fn: Callable) -> Callable:
+        (DERIVATIVE_REFERENCE if derivative else REFERENCE)[block] = fn
+        return fn
+    return register

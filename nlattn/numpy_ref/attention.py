@@ -6,12 +6,12 @@ import numpy as np
 
 from ..specs import (ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig,
                      SelfAttentionConfig)
-from ._common import layers, prepare
+from ._common import defines, prepare
 from ._ops import conv, softmax
 
 
 def _query_key_value(cfg, ctx, x):
-    L = layers(cfg)
+    L = cfg.layers()
     return (conv(ctx, x, L["query_conv"]), conv(ctx, x, L["key_conv"]), conv(ctx, x, L["value_conv"]))
 
 
@@ -25,16 +25,19 @@ def _sagan(config_cls, x, weights, return_attention, config):
     return (y, attn) if return_attention else y
 
 
+@defines("SelfAttention")
 def self_attention(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """SAGAN self-attention on (B, C, H, W): y = γ·(V Aᵀ) + x, A = softmax(QᵀK) (B, N, N)."""
     return _sagan(SelfAttentionConfig, x, weights, return_attention, config)
 
 
+@defines("PositionAttention")
 def position_attention(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """DANet PAM on (B, C, H, W); the same computation as SAGAN self-attention."""
     return _sagan(PositionAttentionConfig, x, weights, return_attention, config)
 
 
+@defines("ChannelAttention")
 def channel_attention(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """DANet CAM on (B, C, H, W): A = softmax(max_k E − E) with E = X Xᵀ (B, C, C); y = γ·A X + x."""
     cfg, ctx, x = prepare(ChannelAttentionConfig, x, weights, config, False, None)
@@ -46,6 +49,7 @@ def channel_attention(x, weights, *, return_attention=False, training=False, sta
     return (y, attn) if return_attention else y
 
 
+@defines("CrissCrossAttention")
 def criss_cross_attention(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """CCNet criss-cross attention on (B, C, H, W), ``recurrence`` passes with shared weights.
 

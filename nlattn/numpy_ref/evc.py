@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..specs import ExplicitVisualCenterConfig
-from ._common import layers, prepare
+from ._common import defines, prepare
 from ._ops import batch_norm, conv, dense, gelu, group_norm, max_pool, relu, sigmoid, silu, softmax
 
 
+@defines("ExplicitVisualCenter")
 def explicit_visual_center(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """EVC on (B, C, H, W) -> (B, C, H, W).
 
     The attention returned is the LVC's soft assignment of positions to codewords (B, N, K).
     """
     cfg, ctx, x = prepare(ExplicitVisualCenterConfig, x, weights, config, training, stats)
-    L = layers(cfg)
+    L = cfg.layers()
 
     def cb(conv_prefix, bn_prefix, t):
         return batch_norm(ctx, conv(ctx, t, L[conv_prefix]), L[bn_prefix])

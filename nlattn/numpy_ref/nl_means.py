@@ -35,16 +35,12 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..specs import NonLocalMeansConfig
-from ._common import prepare
+from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
+from ._common import defines, prepare
 
-#: partial patch distance above which scikit-image gives up on a candidate (its weight is 0)
-DISTANCE_CUTOFF = 5.0
-
-# Constants of scikit-image's fast_exp (skimage/_shared/fast_exp.h, after Schraudolph 1999):
-# the upper 32 bits of a float64 are set to trunc(EXP_A·y) + EXP_BC, the lower 32 bits to 0.
-_EXP_A = 1512775.3951951856938   # 2**20 / ln 2
-_EXP_BC = 1072632447             # 1023·2**20 − 60801 (the min-RMS-error variant)
+# scikit-image's constants, kept in the spec so that every implementation shares them
+DISTANCE_CUTOFF = NL_MEANS_DISTANCE_CUTOFF
+_EXP_A, _EXP_BC = FAST_EXP_A, FAST_EXP_BC
 
 
 def fast_exp(y):
@@ -71,19 +67,11 @@ def fast_exp_envelope(y):
 
 
 def patch_kernel(patch_size: int, n_channels: int, h: float) -> np.ndarray:
-    """The (s, s) Gaussian patch weights, summing to 1 / (C·h²)."""
-    s = patch_size
-    if s == 1:
-        # A = 0 would make the Gaussian exp(-0/0); its limit is a single tap at the centre
-        w = np.ones((1, 1))
-    else:
-        a = (s - 1.0) / 4.0
-        r = np.arange(-(s // 2), s // 2 + 1, dtype=np.float64)
-        w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * a * a))
-    # same grouping as scikit-image: w *= 1 / (C * sum(w) * h * h)
-    return w * (1.0 / (n_channels * np.sum(w) * h * h))
+    """The (s, s) Gaussian patch weights, summing to 1 / (C·h²) (``NonLocalMeansConfig.patch_kernel``)."""
+    return NonLocalMeansConfig(patch_size=patch_size, h=h).patch_kernel(n_channels)
 
 
+@defines("NonLocalMeans")
 def non_local_means(x, weights=None, *, return_attention=False, training=False, stats=None, **config):
     """Non-local means of x (B, C, H, W) -> (B, C, H, W); no weights, no attention map.
 
@@ -92,6 +80,7 @@ def non_local_means(x, weights=None, *, return_attention=False, training=False, 
     return _non_local_means(x, weights, return_attention, training, stats, config, fast_exp)
 
 
+@defines("NonLocalMeans", derivative=True)
 def non_local_means_envelope(x, weights=None, *, return_attention=False, training=False,
                              stats=None, **config):
     """non_local_means with ``fast_exp_envelope``: what its derivatives are taken of."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..specs import NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig
-from ._common import layers, prepare
+from ._common import defines, prepare
 from ._ops import batch_norm, conv, max_pool, relu, softmax
 
 _CONFIGS = {1: NonLocalBlock1DConfig, 2: NonLocalBlock2DConfig, 3: NonLocalBlock3DConfig}
@@ -21,7 +21,7 @@ def non_local(x, weights, *, return_attention=False, training=False, stats=None,
     if nd not in _CONFIGS:
         raise InputError(f"NonLocalBlock: expected a rank-3, -4 or -5 input (B, C, *S), got shape {np.shape(x)}")
     cfg, ctx, x = prepare(_CONFIGS[nd], x, weights, config, training, stats)
-    L = layers(cfg)
+    L = cfg.layers()
     b, c, *spatial = x.shape
     pool = (lambda t: max_pool(t, cfg.pool_window)) if cfg.sub_sample else (lambda t: t)
 
@@ -64,18 +64,21 @@ def non_local(x, weights, *, return_attention=False, training=False, stats=None,
     return out
 
 
+@defines("NonLocalBlock1D")
 def non_local_1d(x, weights, **kw):
     """Non-local block on (B, C, L)."""
     _expect_rank(x, 3, "NonLocalBlock1D")
     return non_local(x, weights, **kw)
 
 
+@defines("NonLocalBlock2D")
 def non_local_2d(x, weights, **kw):
     """Non-local block on (B, C, H, W)."""
     _expect_rank(x, 4, "NonLocalBlock2D")
     return non_local(x, weights, **kw)
 
 
+@defines("NonLocalBlock3D")
 def non_local_3d(x, weights, **kw):
     """Non-local block on (B, C, T, H, W); sub-sampling pools (1, 2, 2)."""
     _expect_rank(x, 5, "NonLocalBlock3D")

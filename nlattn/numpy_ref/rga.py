@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..specs import RelationAwareAttentionConfig
-from ._common import layers, prepare
+from ._common import defines, prepare
 from ._ops import batch_norm, conv, relu, sigmoid
 
 
+@defines("RelationAwareAttention")
 def relation_aware_attention(x, weights, *, return_attention=False, training=False, stats=None, **config):
     """RGA on (B, C, H, W): sigmoid gates from relations, y = gate ⊙ x (no residual, no softmax).
 
@@ -16,7 +17,7 @@ def relation_aware_attention(x, weights, *, return_attention=False, training=Fal
     relations (B, N, N) with use_spatial, else the channel relations (B, C, C).
     """
     cfg, ctx, x = prepare(RelationAwareAttentionConfig, x, weights, config, training, stats)
-    L = layers(cfg)
+    L = cfg.layers()
     b, c, h, w = x.shape
     n = h * w
 

@@ -1,8 +1,8 @@
 """nlattn blocks as ``torch.nn.Module``s (channels-first: NCL, NCHW, NCTHW).
 
 Every class takes the keywords of its config (``nlattn.make_config``), keeps it as ``.spec``, and
-has ``state_dict()`` keys equal to the canonical weight names (DESIGN §3). Attention blocks'
-``forward(x, return_attention=False)`` also returns their relation map when asked.
+has ``state_dict()`` keys equal to the canonical weight names (docs/design.md §3). Attention
+blocks' ``forward(x, return_attention=False)`` also returns their relation map when asked.
 """
 
 try:
@@ -10,7 +10,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("nlattn.torch needs PyTorch, which is not installed: pip install nlattn[torch]") from e
 
-from ._common import Block
+from ..specs import CONFIGS
+from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
 from .evc import ExplicitVisualCenter
@@ -19,6 +20,7 @@ from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
 from .rga import RelationAwareAttention
 from .scale import Scale
 
-__all__ = ["Block", "ChannelAttention", "CrissCrossAttention", "ExplicitVisualCenter", "NonLocalBlock1D",
-           "NonLocalBlock2D", "NonLocalBlock3D", "NonLocalMeans", "PositionAttention",
-           "RelationAwareAttention", "Scale", "SelfAttention", "blocks", "export_weights", "load_weights"]
+#: block class name -> torch class, for every block of the spec
+BLOCKS: dict[str, type[Block]] = {name: globals()[name] for name in CONFIGS}
+
+__all__ = ["BLOCKS", "Block", *BLOCKS, "blocks", "export_weights", "load_weights"]

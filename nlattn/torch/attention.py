@@ -6,56 +6,51 @@ import torch
 
 from ..specs import (ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig,
                      SelfAttentionConfig)
-from ._common import Block, attend, conv, layers, param, work_dtype
+from . import kernels
+from ._base import Block, work_dtype
 
 
-def _softmax(e, dim=-1):
-    """Softmax accumulated in float32 (or wider), returned in e's dtype."""
-    return torch.softmax(e, dim=dim, dtype=work_dtype(e.dtype)).to(e.dtype)
+class _QKV(Block):
+    """The SAGAN / PAM / CCNet layers: 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio),
+    ``value_conv`` (C -> C) and the residual gate ``gamma`` (1,), 0 at init (the identity)."""
+
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.query_conv = make(L["query_conv"])
+        self.key_conv = make(L["key_conv"])
+        self.value_conv = make(L["value_conv"])
+        self.gamma = make(L["gamma"])
+
+    def qkv(self, x):
+        return self.query_conv(x), self.key_conv(x), self.value_conv(x)
 
 
-class _QKVBlock(Block):
-    """The SAGAN / PAM / CCNet parameters, registered in schema order."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        L = layers(self.spec)
-        self.query_conv = conv(L["query_conv"])
-        self.key_conv = conv(L["key_conv"])
-        self.value_conv = conv(L["value_conv"])
-        self.gamma = param(L["gamma"])
-        self._finish()
-
-
-class _QKV(_QKVBlock):
-    """Blocks with 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio), ``value_conv`` (C -> C)
-    and a residual gate ``gamma`` (shape (1,), 0 at init, so the block starts as the identity).
-    ``implementation="auto"`` runs the attention through SDPA's CPU flash kernel (q and k
+class _SAGAN(_QKV):
+    """``implementation="auto"`` runs the attention through SDPA's CPU flash kernel (q and k
     zero-padded to C channels), never storing the N×N map; ``"naive"`` materialises it."""
 
     def forward(self, x, return_attention: bool = False):
         """x (B, C, H, W) -> γ·out + x (B, C, H, W) [, attention (B, N, N), rows are queries]."""
         self.check_input(x)
-        b, c, h, w = x.shape
-        q = self.query_conv(x).flatten(2)       # (B, Cq, N)
-        k = self.key_conv(x).flatten(2)         # (B, Cq, N)
-        v = self.value_conv(x).flatten(2)       # (B, C, N)
-        if self.fast(return_attention):         # fused: the N×N map is never stored
-            out = attend(q[:, None], k[:, None], v[:, None], 1.0)[:, 0]
+        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in self.qkv(x))   # (B, 1, N, c)
+        if self.fast(return_attention):
+            attn, out = None, kernels.softmax_attention(q, k, v)     # the N×N map is never stored
         else:
-            attn = _softmax(torch.einsum("bcn,bcm->bnm", q, k))
-            out = torch.einsum("bnm,bcm->bcn", attn, v)
-        y = self.gamma * out.reshape(x.shape) + x
+            attn = kernels.softmax(q @ k.transpose(-1, -2))[:, 0]    # (B, N, N), over keys
+            out = attn[:, None] @ v
+        y = self.gamma * out[:, 0].transpose(1, 2).reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
-class SelfAttention(_QKV):
-    __doc__ = "SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    " + _QKV.__doc__
+class SelfAttention(_SAGAN):
+    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
+               + _QKV.__doc__ + "\n    " + _SAGAN.__doc__)
     config_class = SelfAttentionConfig
 
 
-class PositionAttention(_QKV):
-    __doc__ = "DANet position attention module (PAM): the SAGAN computation.\n\n    " + _QKV.__doc__
+class PositionAttention(_SAGAN):
+    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
+               + _QKV.__doc__ + "\n    " + _SAGAN.__doc__)
     config_class = PositionAttentionConfig
 
 
@@ -67,15 +62,12 @@ class ChannelAttention(Block):
     """
     config_class = ChannelAttentionConfig
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gamma = param(layers(self.spec)["gamma"])
-        self._finish()
+    def build_layers(self, make):
+        self.gamma = make(self.spec.layers()["gamma"])
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
-        b, c = x.shape[:2]
-        xf = x.reshape(b, c, -1)
+        xf = x.flatten(2)                                    # (B, C, N)
         wide = xf.to(work_dtype(x.dtype))      # the energies feed a softmax: no bf16 rounding
         energy = wide @ wide.transpose(1, 2)
         attn = torch.softmax(energy.amax(-1, keepdim=True) - energy, dim=-1).to(x.dtype)
@@ -83,7 +75,7 @@ class ChannelAttention(Block):
         return (y, attn) if return_attention else y
 
 
-class CrissCrossAttention(_QKVBlock):
+class CrissCrossAttention(_QKV):
     """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
 
     Pixel (i, j) attends to its column (itself masked out) and its row (itself included) with one
@@ -95,12 +87,11 @@ class CrissCrossAttention(_QKVBlock):
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
         h = x.shape[2]
-        eye = torch.eye(h, dtype=torch.bool, device=x.device)
-        self_in_column = torch.zeros(h, 1, h, device=x.device, dtype=work_dtype(x.dtype))
-        self_in_column = self_in_column.masked_fill(eye[:, None, :], float("-inf"))   # (h, 1, h')
+        itself = torch.eye(h, dtype=torch.bool, device=x.device)[:, None, :]   # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
-            q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-            e_col = torch.einsum("bchw,bcgw->bhwg", q, k) + self_in_column
+            q, k, v = self.qkv(x)
+            e_col = torch.einsum("bchw,bcgw->bhwg", q, k).to(work_dtype(x.dtype))
+            e_col = e_col.masked_fill(itself, float("-inf"))
             e_row = torch.einsum("bchw,bchv->bhwv", q, k).to(e_col.dtype)
             attn = torch.softmax(torch.cat([e_col, e_row], -1), dim=-1).to(x.dtype)
             out = (torch.einsum("bhwg,bcgw->bchw", attn[..., :h], v)

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import torch as blocks_module
 from ..conformance.adapter import Adapter
-from ..specs import tensors
-from ._weights import _as_numpy, export_weights, load_weights
+from . import BLOCKS
+from ._weights import ACCESS, load_weights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -31,10 +30,10 @@ class TorchAdapter(Adapter):
     implementation = "auto"
 
     def __init__(self):
-        torch.set_float32_matmul_precision("highest")   # no TF32 (DESIGN §5)
+        torch.set_float32_matmul_precision("highest")   # no TF32 (docs/design.md §5)
 
     def build(self, block, config, dtype):
-        module = getattr(blocks_module, block)(**config, implementation=self.implementation).to(DTYPES[dtype])
+        module = BLOCKS[block](**config, implementation=self.implementation).to(DTYPES[dtype])
         return Built(module.eval(), DTYPES[dtype])
 
     def load_weights(self, built, weights):
@@ -53,13 +52,11 @@ class TorchAdapter(Adapter):
         finally:
             m.eval()
         if return_attention:
-            return tuple(_as_numpy(t).astype(np.float64) for t in out)
-        return _as_numpy(out).astype(np.float64)
+            return tuple(_numpy(t).astype(np.float64) for t in out)
+        return _numpy(out).astype(np.float64)
 
     def running_stats(self, built):
-        kinds = tensors(built.module.spec.schema())
-        return {k: v.astype(np.float64) for k, v in export_weights(built.module).items()
-                if kinds[k].kind in ("bn_mean", "bn_var")}
+        return {k: v.astype(np.float64) for k, v in ACCESS.running_stats(built.module).items()}
 
     def gradients(self, built, x, cotangent):
         m = built.module.eval()
@@ -69,11 +66,15 @@ class TorchAdapter(Adapter):
         (out * torch.from_numpy(np.asarray(cotangent)).to(out.dtype)).sum().backward()
         grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p))
                  for name, p in m.named_parameters()}
-        return (_as_numpy(xt.grad).astype(np.float64),
-                {k: _as_numpy(g).astype(np.float64) for k, g in grads.items()})
+        return (_numpy(xt.grad).astype(np.float64),
+                {k: _numpy(g).astype(np.float64) for k, g in grads.items()})
 
 
 class TorchNaiveAdapter(TorchAdapter):
     """Blocks built with ``implementation="naive"``: every relation map materialised."""
     name = "torch-naive"
     implementation = "naive"
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return ACCESS.read(t)

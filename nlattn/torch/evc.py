@@ -5,13 +5,11 @@ Submodules carry the published EVCBlock's names, so ``state_dict()`` keys are th
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..specs import ExplicitVisualCenterConfig
-from ._common import _REDUCED, Block, batch_norm, conv, dense, group_norm, layers, param, work_dtype
+from ._base import REDUCED, Block, work_dtype
 
 
 class _Encoding(nn.Module):
@@ -23,17 +21,15 @@ class _Encoding(nn.Module):
     bfloat16 ``scale`` alone (relative error 2⁻⁹) moves the assignments by several percent.
     """
 
-    def __init__(self, codewords, scale):
+    def __init__(self, make, L, p):
         super().__init__()
-        k, c = codewords.shape
-        std = 1.0 / math.sqrt(k * c)    # the Encoding layer's usual init
-        self.codewords = param(codewords, lambda t: nn.init.uniform_(t, -std, std))
-        self.scale = param(scale, lambda t: nn.init.uniform_(t, -1.0, 0.0))
+        self.codewords = make(L[f"{p}.codewords"])
+        self.scale = make(L[f"{p}.scale"])
 
     def _apply(self, fn, recurse=True):
         def keep_wide(t):   # .to(bfloat16) / .half() move the codebook's device, not its precision
             out = fn(t)
-            if out.dtype in _REDUCED:
+            if out.dtype in REDUCED:
                 return t.to(device=out.device, dtype=torch.float32)
             return out
         return super()._apply(keep_wide, recurse)
@@ -63,11 +59,12 @@ class _Mean(nn.Module):
 class _ConvBlock(nn.Module):
     """Bottleneck 1×1 -> 3×3 -> 1×1 (each conv + BN) with a projected residual, then ReLU."""
 
-    def __init__(self, L, p):
+    def __init__(self, make, L, p):
         super().__init__()
-        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "residual_conv", "residual_bn"):
-            layer = L[f"{p}.{name}"]
-            self.add_module(name, conv(layer) if "conv" in name else batch_norm(layer, 2))
+        self.conv1, self.bn1 = make(L[f"{p}.conv1"]), make(L[f"{p}.bn1"])
+        self.conv2, self.bn2 = make(L[f"{p}.conv2"]), make(L[f"{p}.bn2"])
+        self.conv3, self.bn3 = make(L[f"{p}.conv3"]), make(L[f"{p}.bn3"])
+        self.residual_conv, self.residual_bn = make(L[f"{p}.residual_conv"]), make(L[f"{p}.residual_bn"])
 
     def forward(self, x):
         t = torch.relu(self.bn1(self.conv1(x)))
@@ -79,13 +76,12 @@ class _LVC(nn.Module):
     """Learnable visual center: ConvBlock, encoding (conv, BN, ReLU, Encoding, BN1d, ReLU, mean),
     and a sigmoid channel gate: y = ReLU(t + t·gate)."""
 
-    def __init__(self, L):
+    def __init__(self, make, L, p):
         super().__init__()
-        self.conv_1 = _ConvBlock(L, "lvc.conv_1")
-        self.LVC = nn.Sequential(conv(L["lvc.LVC.0"]), batch_norm(L["lvc.LVC.1"], 2), nn.ReLU(),
-                                 _Encoding(L["lvc.LVC.3.codewords"], L["lvc.LVC.3.scale"]),
-                                 batch_norm(L["lvc.LVC.4"], 1), nn.ReLU(), _Mean(1))
-        self.fc = nn.Sequential(dense(L["lvc.fc.0"]), nn.Sigmoid())
+        self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
+        self.LVC = nn.Sequential(make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]), nn.ReLU(),
+                                 _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]), nn.ReLU(), _Mean(1))
+        self.fc = nn.Sequential(make(L[f"{p}.fc.0"]), nn.Sigmoid())
 
     def forward(self, x):
         local = self.conv_1(x)
@@ -99,20 +95,20 @@ class _LVC(nn.Module):
 class _BaseConv(nn.Module):
     """conv + BN + SiLU."""
 
-    def __init__(self, L, p):
+    def __init__(self, make, L, p):
         super().__init__()
-        self.conv = conv(L[f"{p}.conv"])
-        self.bn = batch_norm(L[f"{p}.bn"], 2)
+        self.conv = make(L[f"{p}.conv"])
+        self.bn = make(L[f"{p}.bn"])
 
     def forward(self, x):
         return nn.functional.silu(self.bn(self.conv(x)))
 
 
 class _DWConv(nn.Module):
-    def __init__(self, L, p):
+    def __init__(self, make, L, p):
         super().__init__()
-        self.dconv = _BaseConv(L, f"{p}.dconv")
-        self.pconv = _BaseConv(L, f"{p}.pconv")
+        self.dconv = _BaseConv(make, L, f"{p}.dconv")
+        self.pconv = _BaseConv(make, L, f"{p}.pconv")
 
     def forward(self, x):
         return self.pconv(self.dconv(x))
@@ -121,10 +117,10 @@ class _DWConv(nn.Module):
 class _Mlp(nn.Module):
     """1×1 conv, exact GELU, 1×1 conv."""
 
-    def __init__(self, L, p):
+    def __init__(self, make, L, p):
         super().__init__()
-        self.fc1 = conv(L[f"{p}.fc1"])
-        self.fc2 = conv(L[f"{p}.fc2"])
+        self.fc1 = make(L[f"{p}.fc1"])
+        self.fc2 = make(L[f"{p}.fc2"])
 
     def forward(self, x):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
@@ -133,14 +129,14 @@ class _Mlp(nn.Module):
 class _LightMLP(nn.Module):
     """x + s₁·DW(GN(x)), then + s₂·MLP(GN(·)), with per-channel layer scales s₁, s₂."""
 
-    def __init__(self, L):
+    def __init__(self, make, L, p):
         super().__init__()
-        self.dw = _DWConv(L, "l_MLP.dw")
-        self.norm1 = group_norm(L["l_MLP.norm1"])
-        self.norm2 = group_norm(L["l_MLP.norm2"])
-        self.mlp = _Mlp(L, "l_MLP.mlp")
-        self.layer_scale_1 = param(L["l_MLP.layer_scale_1"])
-        self.layer_scale_2 = param(L["l_MLP.layer_scale_2"])
+        self.dw = _DWConv(make, L, f"{p}.dw")
+        self.norm1 = make(L[f"{p}.norm1"])
+        self.norm2 = make(L[f"{p}.norm2"])
+        self.mlp = _Mlp(make, L, f"{p}.mlp")
+        self.layer_scale_1 = make(L[f"{p}.layer_scale_1"])
+        self.layer_scale_2 = make(L[f"{p}.layer_scale_2"])
 
     def forward(self, x):
         x = x + self.layer_scale_1[:, None, None] * self.dw(self.norm1(x))
@@ -156,15 +152,13 @@ class ExplicitVisualCenter(Block):
     """
     config_class = ExplicitVisualCenterConfig
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        L = layers(self.spec)
-        self.conv1 = conv(L["conv1"])
-        self.bn1 = batch_norm(L["bn1"], 2)
-        self.lvc = _LVC(L)
-        self.l_MLP = _LightMLP(L)
-        self.cnv1 = conv(L["cnv1"])
-        self._finish()
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.conv1 = make(L["conv1"])
+        self.bn1 = make(L["bn1"])
+        self.lvc = _LVC(make, L, "lvc")
+        self.l_MLP = _LightMLP(make, L, "l_MLP")
+        self.cnv1 = make(L["cnv1"])
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)

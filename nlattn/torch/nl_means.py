@@ -11,37 +11,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..numpy_ref.nl_means import _EXP_A, _EXP_BC, DISTANCE_CUTOFF
-from ..specs import NonLocalMeansConfig
-from ._common import Block, work_dtype
+from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
+from ._base import Block, work_dtype
 
 
 def fast_exp(y: torch.Tensor) -> torch.Tensor:
     """scikit-image's approximate exp for y ≤ 0, bit for bit, in float64 (0 where its integer wraps):
     the upper 32 bits of a float64 are trunc(EXP_A·y) + EXP_BC, the lower 32 bits zero.
     A staircase: its derivative is 0 almost everywhere (see ``fast_exp_envelope``)."""
-    hi = (torch.trunc(_EXP_A * y.to(torch.float64)) + _EXP_BC).clamp(min=0)
+    hi = (torch.trunc(FAST_EXP_A * y.to(torch.float64)) + FAST_EXP_BC).clamp(min=0)
     return (hi.to(torch.int64) << 32).view(torch.float64)
 
 
 def fast_exp_envelope(y: torch.Tensor) -> torch.Tensor:
     """The continuous piecewise-linear function that ``fast_exp`` samples (float64, differentiable):
     slope 2**(E − 1023) / ln 2 inside the binade of exponent E, 0 where fast_exp's integer wraps."""
-    hi = (_EXP_A * y.to(torch.float64) + _EXP_BC).clamp(min=0) / 2.0 ** 20
+    hi = (FAST_EXP_A * y.to(torch.float64) + FAST_EXP_BC).clamp(min=0) / 2.0 ** 20
     exponent = torch.floor(hi.detach())
     return torch.where(hi > 0, torch.ldexp(1.0 + (hi - exponent), exponent - 1023), 0.0)
-
-
-def patch_kernel(patch_size: int, n_channels: int, h: float, device=None) -> torch.Tensor:
-    """The (s, s) Gaussian patch weights in float64, summing to 1 / (C·h²) (A → 0 limit for s = 1)."""
-    s = patch_size
-    if s == 1:
-        w = torch.ones(1, 1, dtype=torch.float64, device=device)
-    else:
-        a = (s - 1.0) / 4.0
-        r = torch.arange(-(s // 2), s // 2 + 1, dtype=torch.float64, device=device)
-        w = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * a * a))
-    return w * (1.0 / (n_channels * w.sum() * h * h))
 
 
 class NonLocalMeans(Block):
@@ -52,17 +39,13 @@ class NonLocalMeans(Block):
     weight is fast_exp(−max(0, D)) for the noise-corrected, kernel-weighted patch distance D, or 0
     if a partial row sum exceeds 5. Runs in the input's dtype (float32 for bfloat16/float16).
     Gradients are those of the reference's definition: the filter with fast_exp replaced by its
-    continuous piecewise-linear envelope (``nlattn.numpy_ref.nl_means.fast_exp_envelope``), the
+    continuous piecewise-linear envelope (``fast_exp_envelope``), the
     cutoff and the clamp max(0, D) being the ordinary where/maximum they are. The forward value
     stays the bit-trick one: out = filter(fast_exp) + (e − e.detach()), e = filter(envelope),
     where the added term is exactly 0 (computed only when x requires grad). ``implementation``
     is accepted and has no effect (there is one path).
     """
     config_class = NonLocalMeansConfig
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._finish()
 
     def forward(self, x):
         """x (B, C, H, W) -> the filtered image (B, C, H, W), same dtype."""
@@ -81,7 +64,7 @@ class NonLocalMeans(Block):
         cfg = self.spec
         b, c, height, width = xw.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        kernel = patch_kernel(s, c, cfg.h, xw.device).to(xw.dtype)                 # (s, s)
+        kernel = torch.as_tensor(cfg.patch_kernel(c), dtype=xw.dtype, device=xw.device)   # (s, s)
         noise = c * 2.0 * cfg.sigma * cfg.sigma
 
         patches = F.pad(xw, (o, o, o, o), mode="reflect")          # every pixel has a full patch
@@ -105,7 +88,7 @@ class NonLocalMeans(Block):
             rows = torch.stack([rk[:, k:k + height, ..., k] for k in range(s)], -1)  # (B, H, n_off, W, s)
             partial = torch.cumsum(rows, -1)
             # tested before rows 1 … s−1 are added: the partial sums of rows 0 … s−2, never the total
-            cut = (partial[..., :-1] > DISTANCE_CUTOFF).any(-1)
+            cut = (partial[..., :-1] > NL_MEANS_DISTANCE_CUTOFF).any(-1)
             keep = ~cut & row_ok[:, None, :] & col_ok                               # (B, H, n_off, W)
             weight = torch.where(keep, exp(-partial[..., -1].clamp(min=0)), 0.0).to(xw.dtype)
             cand = values[:, :, d + di:d + di + height].unfold(-1, width, 1)        # (B, C, H, n_off, W)

@@ -1,10 +1,9 @@
 """Non-local block (Wang et al. 2018) in its four modes, 1D/2D/3D, as ``nn.Module``s.
 
 With ``implementation="auto"`` (the default) and without ``return_attention`` the (B, N, M)
-relation is never materialised: softmax modes run through ``F.scaled_dot_product_attention``
-(CPU flash kernel), ``dot_product`` re-associates θ(φᵀg)/M, and ``concatenation`` sums
-ReLU(aᵢ + bⱼ) g over keys sorted by bⱼ (prefix sums, O((N + M) log M)).
-``implementation="naive"`` always materialises it (the readable reference path).
+relation is never materialised: ``aggregate`` runs the kernels of ``kernels.py`` (softmax modes
+through SDPA's CPU flash kernel, ``dot_product`` re-associated, ``concatenation`` by sorting);
+``implementation="naive"`` always forms it in ``relation`` (the readable reference path).
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..specs import NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig
-from ._common import Block, attend, batch_norm, conv, layers, work_dtype, zero_
+from . import kernels
+from ._base import Block
 
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
@@ -26,121 +26,94 @@ class _NonLocal(Block):
     Starts as the identity: BN γ = β = 0 (W = 0 without BN), as AlexHex7 initialises it.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        cfg, L = self.spec, layers(self.spec)
-        # registered in schema order: g, θ, φ, concat_project, W, bn
-        self.g = conv(L["g"])
+    def build_layers(self, make):
+        cfg, L = self.spec, self.spec.layers()
+        self.g = make(L["g"])
         if cfg.mode != "gaussian":
-            self.theta = conv(L["theta"])
+            self.theta = make(L["theta"])
             if not cfg.share_query_key:
-                self.phi = conv(L["phi"])
+                self.phi = make(L["phi"])
         if cfg.mode == "concatenation":
-            self.concat_project = conv(L["concat_project"])
-        self.W = conv(L["W"])
+            self.concat_project = make(L["concat_project"])
+        self.W = make(L["W"])
         if cfg.bn_layer:
-            self.bn = batch_norm(L["bn"], cfg.spatial_dims)
-            zero_(self.bn)
-        else:
-            zero_(self.W)
-        self._finish()
-
-    def _pool(self, t):
-        if not self.spec.sub_sample:
-            return t
-        w = self.spec.pool_window
-        return _POOL[self.spec.spatial_dims](t, kernel_size=w, stride=w)
-
-    def _embed(self, layer, x, x_pooled):
-        """conv then pool (AlexHex7), or pool then conv (``pool_first``, Caffe2)."""
-        return layer(x_pooled) if self.spec.pool_first else self._pool(layer(x))
+            self.bn = make(L["bn"])
 
     def forward(self, x, return_attention: bool = False):
         """x (B, C, *S) -> (B, C, *S) [, attention (B, N, M) or (B, heads, N, M)]."""
         self.check_input(x)
-        cfg = self.spec
-        b, c, *spatial = x.shape
-        x_pooled = self._pool(x) if cfg.pool_first or cfg.mode == "gaussian" else None
-        if cfg.mode == "gaussian":
-            theta, phi = x, x_pooled
-        else:
-            theta = self.theta(x)
-            if cfg.share_query_key and not cfg.pool_first:
-                phi = self._pool(theta)           # the same conv: reuse θ
-            else:
-                phi = self._embed(self.theta if cfg.share_query_key else self.phi, x, x_pooled)
-        g = self._embed(self.g, x, x_pooled)
-
-        h = cfg.num_heads
-        theta = theta.reshape(b, h, theta.shape[1] // h, -1)     # (B, h, Ck/h, N)
-        phi = phi.reshape(b, h, phi.shape[1] // h, -1)           # (B, h, Ck/h, M)
-        g = g.reshape(b, h, g.shape[1] // h, -1)                 # (B, h, Cv/h, M)
+        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
         if self.fast(return_attention):
-            y = self._aggregate(theta, phi, g)                       # never the (N, M) relation
+            attn, y = None, self.aggregate(theta, phi, g)   # never the (N, M) relation
         else:
-            attn = self.relation(theta, phi)                         # (B, h, N, M)
-            y = torch.einsum("bhnm,bhcm->bhcn", attn, g)
-        z = self.W(y.reshape(b, -1, *spatial))
-        if cfg.bn_layer:
+            attn = self.relation(theta, phi)            # (B, h, N, M)
+            y = attn @ g
+        b, c, *spatial = x.shape
+        z = self.W(y.transpose(-1, -2).reshape(b, -1, *spatial))
+        if self.spec.bn_layer:
             z = self.bn(z)
         out = z + x
         if return_attention:
-            return out, (attn[:, 0] if h == 1 else attn)
+            return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
         return out
 
+    def pool(self, t):
+        if not self.spec.sub_sample:
+            return t
+        window = self.spec.pool_window
+        return _POOL[self.spec.spatial_dims](t, kernel_size=window, stride=window)
+
+    def embed(self, x):
+        """θ (B, h, N, Ck/h), φ (B, h, M, Ck/h), g (B, h, M, Cv/h): φ and g convolved then pooled
+        (AlexHex7), or pooled then convolved (``pool_first``, Caffe2); θ is never pooled."""
+        cfg = self.spec
+        x_pooled = self.pool(x) if cfg.pool_first or cfg.mode == "gaussian" else None
+
+        def pooled(conv):
+            return conv(x_pooled) if cfg.pool_first else self.pool(conv(x))
+
+        if cfg.mode == "gaussian":
+            theta, phi = x, x_pooled
+        elif cfg.share_query_key:
+            theta = self.theta(x)
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
+        else:
+            theta, phi = self.theta(x), pooled(self.phi)
+        return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
+
+    def split_heads(self, t):
+        """(B, C, *S) -> (B, h, positions, C / h)."""
+        h = self.spec.num_heads
+        return t.reshape(t.shape[0], h, t.shape[1] // h, -1).transpose(-1, -2)
+
     def relation(self, theta, phi):
-        """The relation A (B, h, N, M) of θ (B, h, Ck, N) and φ (B, h, Ck, M), materialised."""
-        cfg, m = self.spec, phi.shape[-1]
+        """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""
+        cfg, m = self.spec, phi.shape[-2]
         if cfg.mode == "concatenation":
-            # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, 2Ck, N, M), then the 1×1 conv
-            n = theta.shape[-1]
-            pairs = torch.cat([theta[..., None].expand(-1, -1, -1, -1, m),
-                               phi[..., None, :].expand(-1, -1, -1, n, -1)], dim=2)
-            f = torch.einsum("c,bhcnm->bhnm", self.concat_project.weight.reshape(-1), pairs)
-            return torch.relu(f) / m
-        f = torch.einsum("bhcn,bhcm->bhnm", theta, phi)
+            # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
+            n, c = theta.shape[-2], theta.shape[-1]
+            pairs = torch.cat([theta[..., :, None, :].expand(-1, -1, -1, m, -1),
+                               phi[..., None, :, :].expand(-1, -1, n, -1, -1)], -1)
+            return torch.relu(pairs @ self.concat_project.weight.reshape(2 * c)) / m
+        f = theta @ phi.transpose(-1, -2)
         if cfg.scale is not None:
             f = f * cfg.scale
+        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+
+    def aggregate(self, theta, phi, g):
+        """y = A g (B, h, N, Cv/h) without materialising A."""
+        cfg = self.spec
         if cfg.mode == "dot_product":
-            return f / m
-        return torch.softmax(f, dim=-1, dtype=work_dtype(f.dtype)).to(f.dtype)
-
-    def _concat_terms(self, theta, phi):
-        """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + kⱼ): per-query a (B, h, N) and per-key k (B, h, M)."""
-        w = self.concat_project.weight.reshape(-1)
-        ci = theta.shape[2]
-        return (torch.einsum("c,bhcn->bhn", w[:ci], theta), torch.einsum("c,bhcm->bhm", w[ci:], phi))
-
-    def _aggregate(self, theta, phi, g):
-        """y = A g (B, h, Cv/h, N) without materialising A."""
-        cfg, m = self.spec, phi.shape[-1]
-        scale = 1.0 if cfg.scale is None else float(cfg.scale)
-        if cfg.mode == "dot_product":                      # θᵀ(φ gᵀ)·s/M: linear in N
-            kv = torch.einsum("bhcm,bhdm->bhcd", phi, g)
-            return torch.einsum("bhcd,bhcn->bhdn", kv, theta) * (scale / m)
+            return kernels.dot_product_attention(theta, phi, g, cfg.scale)
         if cfg.mode == "concatenation":
-            return _sorted_relu_sum(*self._concat_terms(theta, phi), g) / m
-        return attend(theta, phi, g, scale)
+            return kernels.concatenation_attention(*self.concat_terms(theta, phi), g)
+        return kernels.softmax_attention(theta, phi, g, cfg.scale)
 
-
-def _sorted_relu_sum(a, k, g):
-    """Σⱼ ReLU(aᵢ + kⱼ) g[:, j] for a (B, h, N), k (B, h, M), g (B, h, C, M) -> (B, h, C, N).
-
-    With keys sorted by k descending, the j with kⱼ > −aᵢ are a prefix of length nᵢ, so the sum is
-    aᵢ·G[nᵢ] + KG[nᵢ] with G, KG the prefix sums of g and k·g (float32 or wider).
-    """
-    dtype = g.dtype
-    a, k, g = (t.to(work_dtype(dtype)) for t in (a, k, g))
-    k_sorted, order = torch.sort(k, dim=-1, descending=True)
-    g_sorted = torch.gather(g, -1, order[..., None, :].expand_as(g))
-    zero = g.new_zeros(*g.shape[:-1], 1)
-    prefix_g = torch.cat([zero, g_sorted.cumsum(-1)], -1)                          # (B, h, C, M+1)
-    prefix_kg = torch.cat([zero, (g_sorted * k_sorted[..., None, :]).cumsum(-1)], -1)
-    # n_i = #{j : kⱼ > −aᵢ} = #{j : −kⱼ < aᵢ}, and −k_sorted is ascending
-    count = torch.searchsorted((-k_sorted).contiguous(), a.contiguous(), side="left")
-    index = count[..., None, :].expand(*g.shape[:-1], count.shape[-1])
-    y = a[..., None, :] * torch.gather(prefix_g, -1, index) + torch.gather(prefix_kg, -1, index)
-    return y.to(dtype)
+    def concat_terms(self, theta, phi):
+        """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + bⱼ): per-query a (B, h, N) and per-key b (B, h, M)."""
+        w = self.concat_project.weight.reshape(-1)
+        c = theta.shape[-1]
+        return theta @ w[:c], phi @ w[c:]
 
 
 class NonLocalBlock1D(_NonLocal):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..specs import RelationAwareAttentionConfig
-from ._common import Block, batch_norm, conv, layers
+from ._base import Block
 
 
 class RelationAwareAttention(Block):
@@ -20,19 +20,32 @@ class RelationAwareAttention(Block):
     """
     config_class = RelationAwareAttentionConfig
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        L = layers(self.spec)
-        # the schema lists the published module's submodules in its __init__ order
-        for prefix in dict.fromkeys(name.split(".")[0] for name in L):
-            if prefix.startswith("W_"):
-                self.add_module(prefix, nn.Sequential(
-                    conv(L[f"{prefix}.0"]), batch_norm(L[f"{prefix}.1"], 2), nn.ReLU(),
-                    conv(L[f"{prefix}.3"]), batch_norm(L[f"{prefix}.4"], 2)))
-            else:
-                self.add_module(prefix, nn.Sequential(
-                    conv(L[f"{prefix}.0"]), batch_norm(L[f"{prefix}.1"], 2), nn.ReLU()))
-        self._finish()
+    def build_layers(self, make):
+        cfg, L = self.spec, self.spec.layers()
+
+        def cbr(prefix):          # conv → BN → ReLU
+            return nn.Sequential(make(L[f"{prefix}.0"]), make(L[f"{prefix}.1"]), nn.ReLU())
+
+        def gate(prefix):         # cbr → conv → BN(1): the attention logit
+            return nn.Sequential(*cbr(prefix), make(L[f"{prefix}.3"]), make(L[f"{prefix}.4"]))
+
+        # in the published module's __init__ order (so state_dict orders agree)
+        if cfg.use_spatial:
+            self.theta_spatial, self.phi_spatial = cbr("theta_spatial"), cbr("phi_spatial")
+        if cfg.use_channel:
+            self.theta_channel, self.phi_channel = cbr("theta_channel"), cbr("phi_channel")
+        if cfg.use_spatial:
+            self.gx_spatial = cbr("gx_spatial")
+        if cfg.use_channel:
+            self.gx_channel = cbr("gx_channel")
+        if cfg.use_spatial:
+            self.gg_spatial = cbr("gg_spatial")
+        if cfg.use_channel:
+            self.gg_channel = cbr("gg_channel")
+        if cfg.use_spatial:
+            self.W_spatial = gate("W_spatial")
+        if cfg.use_channel:
+            self.W_channel = gate("W_channel")
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)

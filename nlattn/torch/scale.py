@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from ..specs import ScaleConfig
-from ._common import Block, layers, param
+from ._base import Block
 
 
 class Scale(Block):
     """y = gamma * x for any input shape; ``gamma`` has shape (1,), initialised to ``init`` (0)."""
     config_class = ScaleConfig
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gamma = param(layers(self.spec)["gamma"])
-        self._finish()
+    def build_layers(self, make):
+        self.gamma = make(self.spec.layers()["gamma"])
 
     def forward(self, x):
         self.check_input(x)

@@ -1,7 +1,7 @@
 """Canonical weights: files, framework dispatch and importers of published checkpoints.
 
 Canonical weights are a flat ``dict[str, np.ndarray]`` with PyTorch ``state_dict`` names and
-layouts (DESIGN §3), validated against the block's schema (``nlattn.specs``).
+layouts (docs/design.md §3), validated against the block's schema (``nlattn.specs``).
 
 * ``save_weights`` / ``load_file``: ``.safetensors`` files with nlattn metadata (block, config JSON,
   layout version, nlattn version).

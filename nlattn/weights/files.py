@@ -1,6 +1,6 @@
 """Canonical weight files (safetensors + nlattn metadata) and safe readers for checkpoint files.
 
-A canonical file holds the block's canonical tensors (DESIGN §3) and, in its safetensors metadata::
+A canonical file holds the block's canonical tensors (docs/design.md §3) and, in its safetensors metadata::
 
     nlattn_block    the block class name, e.g. "NonLocalBlock2D"
     nlattn_config   the constructor keywords as JSON
@@ -150,7 +150,7 @@ def save_weights(path, block_or_weights, config: dict | None = None, block: str 
     """
     from safetensors.numpy import save_file
 
-    from .. import __version__
+    from .._version import __version__
 
     ckpt = _resolve(block_or_weights, config, block)
     tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.weights.items()}

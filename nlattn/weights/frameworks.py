@@ -44,7 +44,7 @@ def backend(framework: str):
 
 
 def export_weights(block) -> dict:
-    """Canonical weights of a torch / Keras / Flax block (or model): names and layouts of DESIGN §3."""
+    """Canonical weights of a torch / Keras / Flax block (or model): names and layouts of docs/design.md §3."""
     return backend(framework_of(block)).export_weights(block)
 
 
@@ -86,14 +86,9 @@ def load_weights(block, weights_or_path) -> None:
 def _dummy_input(spec, channels_last: bool):
     import numpy as np
 
-    c = getattr(spec, "in_channels", None) or 8
-    if spec.block == "RelationAwareAttention":
-        spatial = tuple(spec.spatial_size)
-    elif spec.block == "NonLocalMeans":
-        spatial = (spec.patch_size,) * spec.spatial_dims
-    else:
-        spatial = (4,) * spec.spatial_dims
-    shape = (1, *spatial, c) if channels_last else (1, c, *spatial)
+    shape = spec.example_input_shape()
+    if channels_last:
+        shape = (shape[0], *shape[2:], shape[1])
     return np.zeros(shape, np.float32)
 
 

@@ -1,6 +1,6 @@
 """Importers: published checkpoints -> canonical ``Checkpoint`` (names, layouts, config).
 
-Each source maps its published parameter names to the canonical ones (DESIGN §3), reads what it
+Each source maps its published parameter names to the canonical ones (docs/design.md §3), reads what it
 can of the config from key names and tensor shapes, takes the rest from keyword arguments (a
 keyword that contradicts the checkpoint is a ``ConfigError``), and records what it dropped and
 which conventions it applied. ``prefix=`` picks one block in a bigger state dict; without it, a
