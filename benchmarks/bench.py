@@ -20,7 +20,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -177,6 +176,7 @@ def _build(framework, block, c, size, impl, w):
     x = np.random.default_rng(1).standard_normal((1, c, size, size), dtype=np.float32)
     if framework == "torch":
         import torch
+
         from nlattn import torch as ntorch
         model = getattr(ntorch, cls)(c, **kw, implementation=impl).eval()
         nlattn.load_weights(model, w)
@@ -189,6 +189,7 @@ def _build(framework, block, c, size, impl, w):
     x = np.ascontiguousarray(np.moveaxis(x, 1, -1))      # Keras and Flax blocks are channels-last here
     if framework == "keras":
         import tensorflow as tf
+
         from nlattn import tf as nkeras
         model = getattr(nkeras, cls)(c, **kw, implementation=impl)
         nlattn.load_weights(model, w)
@@ -197,6 +198,7 @@ def _build(framework, block, c, size, impl, w):
         return (lambda: fn(xt)), lambda y: y.numpy()      # eager TF returns after the call has run
     import jax
     from flax import nnx
+
     from nlattn import jax as nflax
     model = getattr(nflax, cls)(c, **kw, implementation=impl, rngs=nnx.Rngs(0))
     model.eval()
@@ -294,7 +296,8 @@ def run_child(job):
     if lines:
         return json.loads(lines[-1])
     if proc.returncode < 0:
-        return {"error": f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")}
+        hint = " (out of memory?)" if proc.returncode == -9 else ""
+        return {"error": f"killed by signal {-proc.returncode}{hint}"}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {proc.returncode}: {tail}"}
 
@@ -324,14 +327,15 @@ def _error(result):
 
 
 def table_rows(framework, rows, peak):
-    lines = [f"| block | size | naive ms | fast ms | time fast/naive | naive peak MiB | fast peak MiB | "
-             f"memory fast/naive | fast GFLOP/s (% of peak) | max rel. diff fast vs naive |",
+    lines = ["| block | size | naive ms | fast ms | time fast/naive | naive peak MiB | fast peak MiB | "
+             "memory fast/naive | fast GFLOP/s (% of peak) | max rel. diff fast vs naive |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for block, size, c, naive, fast in rows:
         naive_ms = naive.get("ms") if "skipped" not in naive and "error" not in naive else None
         fast_ms = fast.get("ms") if "error" not in fast else None
         cells = [block, f"{size}×{size}",
-                 naive["skipped"] if "skipped" in naive else _error(naive) if "error" in naive else _cell(naive_ms, ".1f"),
+                 naive["skipped"] if "skipped" in naive
+                 else _error(naive) if "error" in naive else _cell(naive_ms, ".1f"),
                  _error(fast) if "error" in fast else _cell(fast_ms, ".1f")]
         both = naive_ms is not None and fast_ms is not None
         cells.append(_cell(fast_ms / naive_ms if both else None, ".3f"))
@@ -396,8 +400,9 @@ def main(argv=None):
             results[fw, block, size, impl] = run_child(job)
         progress.step(f"{fw} {block} {size or ''} {impl or ''}")
 
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     out = [f"nlattn benchmarks — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, "
-           f"median of {args.repeat}", f"command: python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()]
+           f"median of {args.repeat}", f"command: python benchmarks/bench.py {command}".rstrip()]
     for fw in frameworks:
         mm = results[fw, "matmul", None, None]
         peak = mm.get("gflops")

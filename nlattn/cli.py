@@ -8,8 +8,15 @@ from pathlib import Path
 
 
 def _conformance(args) -> int:
-    from .conformance import (BUILTIN, adapter_names, available_adapters, format_table, load_adapter,
-                              run_conformance, select)
+    from .conformance import (
+        BUILTIN,
+        adapter_names,
+        available_adapters,
+        format_table,
+        load_adapter,
+        run_conformance,
+        select,
+    )
     from .conformance.golden import GoldenError
 
     names = adapter_names(args.framework) if args.framework else list(BUILTIN)
@@ -17,8 +24,15 @@ def _conformance(args) -> int:
     if unknown:
         print(f"unknown framework(s) {unknown}: choose from {sorted(BUILTIN)}", file=sys.stderr)
         return 2
+    theirs = []
+    for spec in args.adapter:       # first: a typo should not wait for three frameworks to import
+        try:
+            theirs.append(load_adapter(spec))
+        except Exception as e:   # a user's module: any import-time error is theirs to read
+            print(f"conformance: cannot load adapter {spec!r}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     adapters, missing = available_adapters(names)
-    adapters += [load_adapter(spec) for spec in args.adapter]
+    adapters += theirs
     for name, why in missing.items():
         print(f"[{name}] not available: {why}", file=sys.stderr)
     if args.framework and missing:
@@ -35,6 +49,12 @@ def _conformance(args) -> int:
         return 3
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
+
+
+def _line(command: str, error: Exception) -> str:
+    """One line for the user: the command, then the error's message (once)."""
+    text = str(error)
+    return text if text.startswith(f"{command}:") else f"{command}: {text}"
 
 
 def _golden(args) -> int:
@@ -61,7 +81,7 @@ def _config_value(text: str):
 
 def _convert(args) -> int:
     from .errors import ConfigError, WeightError
-    from .weights.convert import FORMATS, LOAD_HINTS, destination_format, read_checkpoint, write_checkpoint
+    from .weights.convert import FORMATS, LOAD_HINTS, check_destination, read_checkpoint, write_checkpoint
 
     config = {}
     for item in args.config:
@@ -71,15 +91,19 @@ def _convert(args) -> int:
             return 2
         config[key.strip()] = _config_value(value.strip())
     try:
-        fmt = destination_format(args.dst)
-    except ValueError as e:
-        print(f"convert: {e}", file=sys.stderr)
+        check_destination(args.dst)
+    except (ValueError, OSError) as e:
+        print(_line("convert", e), file=sys.stderr)
         return 2
     try:
         ckpt = read_checkpoint(args.src, args.source, block=args.block, config=config, prefix=args.prefix)
-        write_checkpoint(ckpt, args.dst)
-    except (ConfigError, WeightError, FileNotFoundError, ImportError, ValueError) as e:
-        print(f"convert: {e}", file=sys.stderr)
+    except (ConfigError, WeightError, OSError, ImportError, ValueError) as e:
+        print(_line("convert", e), file=sys.stderr)
+        return 1
+    try:
+        fmt = write_checkpoint(ckpt, args.dst)
+    except Exception as e:   # a full disk, a vanished directory, the writer's own errors: one line
+        print(f"convert: cannot write {args.dst}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(ckpt.summary())
     print(f"wrote {len(ckpt.weights)} tensors to {args.dst} ({FORMATS[fmt][0]}); read it back with: "

@@ -12,7 +12,7 @@ class InputError(ValueError):
 class WeightError(ValueError):
     """Weights do not fit a block: lists every missing, extra, mis-shaped or non-finite tensor."""
 
-    def __init__(self, block: str, problems: list[str]):
+    def __init__(self, block: str | None, problems: list[str]):
         self.block = block
         self.problems = list(problems)
         lines = "\n  - ".join(self.problems)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -168,11 +169,13 @@ def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
             problems.append(f"{name!r} has dtype {arr.dtype}, expected a floating dtype")
         elif not np.all(np.isfinite(arr)):
             problems.append(f"{name!r} has non-finite values")
+        elif expected[name].kind == "bn_var" and np.any(arr < 0):
+            problems.append(f"{name!r} has negative values (a running variance is >= 0)")
     if problems:
         raise WeightError(block, problems)
 
 
-def check_model_weights(name: str, blocks: Sequence[tuple[str, "BlockConfig"]],
+def check_model_weights(name: str, blocks: Sequence[tuple[str, BlockConfig]],
                         weights: dict[str, Any]) -> list[dict[str, Any]]:
     """Each block's own weights out of a model's flat canonical dict, all checked before any is used.
 
@@ -181,7 +184,7 @@ def check_model_weights(name: str, blocks: Sequence[tuple[str, "BlockConfig"]],
     every block, tensors named by their full path, and every name no block claims; otherwise returns
     the blocks' unprefixed dicts in order.
     """
-    problems, owned, claimed = [], [], set()
+    problems, owned, claimed = [], [], set[str]()
     for path, spec in blocks:
         prefix = f"{path}." if path else ""
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -250,6 +253,37 @@ def _positive_int(block: str, name: str, value, minimum: int = 1) -> None:
         _fail(block, f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _typed(block: str, name: str, annotation: str, value):
+    """A config value checked against its field's annotation, as the plain Python type: strict
+    bools (the string "False" is not False), NumPy integers and floats accepted as such, no
+    NaN or infinity, tuples from lists."""
+    if value is None and annotation.endswith("| None"):
+        return None
+    kind = annotation.removesuffix(" | None")
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        _fail(block, f"{name} must be True or False, got {value!r}")
+    if kind == "int":
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+        _fail(block, f"{name} must be an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+                and math.isfinite(value):
+            return value if isinstance(value, (int, float)) else value.item()
+        _fail(block, f"{name} must be a finite number, got {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        _fail(block, f"{name} must be a string, got {value!r}")
+    if kind.startswith("tuple["):
+        if isinstance(value, (tuple, list)):
+            return tuple(_typed(block, name, "int", v) for v in value)
+        _fail(block, f"{name} must be a tuple, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """Base of every block config: validated on construction, immutable."""
@@ -266,6 +300,16 @@ class BlockConfig:
     query_chunked: ClassVar[bool] = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = _typed(self.block, f.name, str(f.type), getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        # BatchNorm / GroupNorm conventions, whichever block has them
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("eps") and not value > 0:
+                _fail(self.block, f"{f.name} must be > 0, got {value!r}")
+            if f.name.endswith("momentum") and not 0 <= value <= 1:
+                _fail(self.block, f"{f.name} must be in [0, 1] (PyTorch's convention), got {value!r}")
         self.validate()
 
     def validate(self) -> None:  # pragma: no cover - overridden
@@ -294,14 +338,14 @@ class BlockConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BlockConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BlockConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{cls.block}: unknown option(s) {unknown}; known: {sorted(names)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "BlockConfig":
+    def replace(self, **changes) -> BlockConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -459,8 +503,6 @@ class NonLocalConfig(BlockConfig):
         for name, width in (("embedding width", self.embed_channels), ("value width", self.value_width)):
             if width % self.num_heads:
                 _fail(b, f"num_heads={self.num_heads} must divide the {name} {width}")
-        if not (0.0 < self.bn_eps) or not (0.0 <= self.bn_momentum <= 1.0):
-            _fail(b, f"bn_eps must be > 0 and bn_momentum in [0, 1], got {self.bn_eps}, {self.bn_momentum}")
 
     @property
     def inter(self) -> int:
@@ -608,11 +650,6 @@ class RelationAwareAttentionConfig(BlockConfig):
     down_ratio: int = 8
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-
-    def __post_init__(self):
-        if isinstance(self.spatial_size, list):
-            object.__setattr__(self, "spatial_size", tuple(self.spatial_size))
-        super().__post_init__()
 
     def validate(self):
         b = self.block

@@ -139,7 +139,7 @@ class FlaxDriver:
         return to_first(out)
 
     def native_input(self, x):
-        return self.jax.numpy.asarray(to_last(np.asarray(x)))
+        return to_last(np.asarray(x))       # NumPy as is: jnp.asarray would make int64 int32
 
     def container(self, children: dict, name=None):
         nnx = self.nnx

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FRAMEWORKS, ONE_CASE_PER_BLOCK, driver
 
 import nlattn
+from conftest import FRAMEWORKS, ONE_CASE_PER_BLOCK
 from nlattn import ConfigError, InputError, WeightError
 from nlattn.conformance import CASES
 from nlattn.conformance.adapter import BUILTIN, available_adapters
@@ -60,7 +60,9 @@ def test_every_framework_has_a_fast_and_a_naive_column_for_every_block():
 def test_registry_is_the_spec(fw):
     assert list(fw.module.BLOCKS) == list(nlattn.BLOCKS)
     assert all(getattr(fw.module, name) is cls for name, cls in fw.module.BLOCKS.items())
-    assert all(issubclass(cls, fw.module.Block) for cls in fw.module.BLOCKS.values())
+    assert all(issubclass(cls, fw.module.Block) and cls.config_class is nlattn.BLOCKS[name]
+               for name, cls in fw.module.BLOCKS.items())
+    assert set(fw.module.__all__) == {"BLOCKS", "Block", "blocks", "export_weights", "load_weights", *nlattn.BLOCKS}
 
 
 @pytest.mark.parametrize("block", list(ONE_CASE_PER_BLOCK))
@@ -87,6 +89,10 @@ def test_config_errors_name_the_block_and_the_field(fw):
         fw.module.NonLocalBlock2D(8, mode="softmax")
     with pytest.raises(ConfigError, match="ChannelAttention.*unknown option.*colour"):
         fw.module.ChannelAttention(colour="red")
+    with pytest.raises(ConfigError, match="ChannelAttention.*unknown option.*query_chunk_size"):
+        fw.module.ChannelAttention(query_chunk_size=4)     # no chunked path, no chunk size
+    with pytest.raises(ConfigError, match="Scale: init must be a finite number"):
+        fw.module.Scale(init="abc")
     assert fw.make("SelfAttention", dict(in_channels=16)).implementation == "auto"
     assert fw.make("ChannelAttention", {}, implementation="naive").implementation == "naive"
     if fw.name != "torch":   # Keras and Flax chunk their softmax attention
@@ -267,3 +273,57 @@ def test_files_written_by_nlattn_0_1_load(fw, path):
     if hasattr(m, "eval"):
         m.eval()
     assert error(fw.run(m, x), want) <= 1e-5
+
+
+def test_values_are_checked_in_the_variables_dtype(fw):
+    """1e300 is finite in float64 and infinite in float32: refused, not stored as inf."""
+    m = fw.make("SelfAttention", dict(in_channels=8))
+    before = fw.module.export_weights(m)
+    w = {k: v.astype(np.float64) for k, v in before.items()}
+    w["value_conv.bias"][0] = 1e300
+    with pytest.raises(WeightError, match="'value_conv.bias' is not finite"):
+        fw.module.load_weights(m, w)
+    after = fw.module.export_weights(m)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_negative_running_variance_is_refused(fw):
+    m = fw.make("NonLocalBlock2D", dict(in_channels=4))
+    w = _random(m.spec, 0)
+    w["bn.running_var"][1] = -0.5
+    with pytest.raises(WeightError, match="'bn.running_var' has negative values"):
+        fw.module.load_weights(m, w)
+
+
+def test_two_threads_loading_into_one_block_leave_one_weight_set(fw, monkeypatch):
+    import importlib
+    import random
+    import threading
+    import time
+
+    access = importlib.import_module(f"nlattn.{fw.name}._weights").ACCESS
+    assign = access.assign
+
+    rng = random.Random(0)
+
+    def slow_assign(variable, value):       # widen the window a mixture would need
+        time.sleep(rng.random() * 2e-4)
+        assign(variable, value)
+
+    monkeypatch.setattr(access, "assign", slow_assign)
+    m = fw.make("NonLocalBlock2D", dict(in_channels=8))
+    sets = [_random(m.spec, 10), _random(m.spec, 11)]
+    for _ in range(20):
+        barrier = threading.Barrier(2)
+
+        def load(w, barrier=barrier):
+            barrier.wait()
+            fw.module.load_weights(m, w)
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in sets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = fw.module.export_weights(m)
+        assert any(all(np.array_equal(got[k], w[k]) for k in w) for w in sets), "a mixture of both"

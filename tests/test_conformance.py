@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 import nlattn
-from nlattn.conformance import (CASES, GoldenError, ReferenceAdapter, format_table, jobs, load_golden,
-                                run_check, run_conformance)
+from nlattn.conformance import (
+    CASES,
+    GoldenError,
+    ReferenceAdapter,
+    format_table,
+    jobs,
+    load_golden,
+    run_check,
+    run_conformance,
+)
 from nlattn.conformance.golden import GOLDEN_DIR, compute
 from nlattn.specs import NonLocalConfig, config_class
 

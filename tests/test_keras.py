@@ -1,14 +1,12 @@
-"""nlattn.tf: every block as a Keras 3 layer, against the float64 reference; weights, errors, saving.
+"""What only nlattn.tf has: data formats, in_channels inferred at build, get_config and .keras files,
+jit_compile, the Scale layer, functional models, Keras names, the other Keras backends.
 
-The conformance jobs run for three adapters: ``KerasAdapter`` (channels_last, the fast paths),
-``KerasChannelsFirstAdapter`` (channels_first, the fast paths) and ``KerasNaiveAdapter`` (the
-materialising paths). The rest checks facts that hold exactly (identity at init, bit-exact round
-trips, atomic loading, saved models) or compares with the float64 reference.
+Conformance (keras, keras-cf, keras-naive), inits, weight round trips and errors are checked for
+every framework alike in tests/test_blocks.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -22,56 +20,20 @@ import tensorflow as tf
 
 import nlattn
 import nlattn.tf as nk
+from conftest import ONE_CASE_PER_BLOCK
 from nlattn import ConfigError, InputError, WeightError
-from nlattn.conformance.runner import error, jobs, run_check
+from nlattn.conformance.runner import error
 from nlattn.numpy_ref import run as reference
 from nlattn.specs import random_weights, tensors
-from nlattn.tf.conformance import KerasAdapter, KerasChannelsFirstAdapter, KerasNaiveAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = {"": KerasAdapter(), "cf-": KerasChannelsFirstAdapter(), "naive-": KerasNaiveAdapter()}
-CONFORMANCE = [(prefix, *job) for prefix, a in ADAPTERS.items() for job in jobs(a)]
-
-
-@pytest.mark.parametrize("prefix, case, dtype, check", CONFORMANCE,
-                         ids=[f"{p}{c.id}-{chk}-{d}" for p, c, d, chk in CONFORMANCE])
-def test_conformance(prefix, case, dtype, check):
-    result = run_check(ADAPTERS[prefix], case, dtype, check)
-    assert result.passed, result.describe()
-
-
-def test_adapters_cover_eval_train_and_gradients_in_both_layouts():
-    names = {a.name for a in ADAPTERS.values()}
-    assert names == {"keras", "keras-cf", "keras-naive"}
-    for a in ADAPTERS.values():
-        checks = {chk for _, _, chk in jobs(a)}
-        assert checks == {"eval", "train", "grad"}, a.name
-        assert a.unbiased_running_var is False
-
-
+FIXTURES = ROOT / "tests" / "fixtures" / "v0.1"
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-#: one small config per block class, with a channels-first input shape
-ONE = {
-    "NonLocalBlock1D": (dict(in_channels=4), (2, 4, 7)),
-    "NonLocalBlock2D": (dict(in_channels=4), (2, 4, 5, 6)),
-    "NonLocalBlock3D": (dict(in_channels=4), (2, 4, 2, 4, 5)),
-    "SelfAttention": (dict(in_channels=8), (2, 8, 4, 5)),
-    "PositionAttention": (dict(in_channels=8, qk_ratio=4), (2, 8, 3, 5)),
-    "ChannelAttention": (dict(), (2, 4, 3, 5)),
-    "CrissCrossAttention": (dict(in_channels=8, recurrence=2), (2, 8, 4, 5)),
-    "RelationAwareAttention": (dict(in_channels=8, spatial_size=[4, 5], cha_ratio=2, spa_ratio=2,
-                                    down_ratio=2), (2, 8, 4, 5)),
-    "ExplicitVisualCenter": (dict(in_channels=8, num_codes=4), (2, 8, 4, 5)),
-    "NonLocalMeans": (dict(patch_size=3, patch_distance=2, h=0.3), (2, 1, 6, 7)),
-    "Scale": (dict(init=0.5), (2, 3, 4, 5)),
-}
-
-
-def test_one_config_per_class():
-    assert set(ONE) == set(nlattn.BLOCKS) == {n for n in nk.__all__ if n[0].isupper()}
+#: one config per block class (the catalogue's first case of it), with its channels-first input shape
+ONE = {block: (case.config, case.shape) for block, case in ONE_CASE_PER_BLOCK.items()}
 
 
 def channels_last(x):
@@ -155,44 +117,10 @@ def test_get_config_keeps_data_format_and_inferred_channels():
 # init, data format, channel inference
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block, config, shape", [
-    ("NonLocalBlock2D", dict(in_channels=4), (2, 5, 6, 4)),
-    ("NonLocalBlock2D", dict(in_channels=4, bn_layer=False, mode="concatenation"), (2, 5, 6, 4)),
-    ("NonLocalBlock3D", dict(in_channels=4, mode="gaussian"), (1, 2, 4, 4, 4)),
-    ("SelfAttention", dict(in_channels=8), (2, 3, 4, 8)),
-    ("PositionAttention", dict(in_channels=8), (2, 3, 4, 8)),
-    ("ChannelAttention", dict(), (2, 3, 4, 5)),
-    ("CrissCrossAttention", dict(in_channels=8, recurrence=2), (2, 3, 4, 8)),
-])
-def test_identity_at_init(block, config, shape):
-    x = rand(shape).astype(np.float32)
-    assert np.array_equal(as_np(getattr(nk, block)(**config)(x)), x)
-
-
-def test_published_inits():
-    nl = nk.NonLocalBlock2D(in_channels=4)
-    nl.build((None, 4, 4, 4))
-    w = nk.export_weights(nl)
-    assert not w["bn.weight"].any() and not w["bn.bias"].any() and w["W.weight"].any()
-    nobn = nk.NonLocalBlock2D(in_channels=4, bn_layer=False)
-    nobn.build((None, 4, 4, 4))
-    assert not nk.export_weights(nobn)["W.weight"].any()
-    evc = nk.ExplicitVisualCenter(in_channels=8, num_codes=4)
-    evc.build((None, 4, 4, 8))
-    w = nk.export_weights(evc)
-    assert np.array_equal(w["l_MLP.layer_scale_1"], np.full(8, 1e-5, np.float32))
-    assert np.array_equal(w["l_MLP.layer_scale_2"], np.full(8, 1e-5, np.float32))
-    assert all(w[k].dtype == np.float32 for k in w)
-    for block in ("SelfAttention", "PositionAttention", "CrissCrossAttention"):
-        layer = getattr(nk, block)(in_channels=8)
-        layer.build((None, 4, 4, 8))
-        assert nk.export_weights(layer)["gamma"].tolist() == [0.0]
-
-
 def test_bn_conventions_follow_the_spec():
     layer = nk.NonLocalBlock2D(in_channels=4, bn_eps=1e-3, bn_momentum=0.01)
     layer.build((None, 4, 4, 4))
-    bn = layer.sub["bn"]
+    bn = layer.bn
     assert bn.epsilon == pytest.approx(1e-3) and bn.momentum == pytest.approx(0.99)
     default = nk.SelfAttention(in_channels=8)
     assert default.data_format == keras.config.image_data_format() == "channels_last"
@@ -230,15 +158,7 @@ def test_unbuilt_layer_without_channels_cannot_export():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block, config, shape, dtype, needle", [
-    ("NonLocalBlock2D", dict(in_channels=4), (2, 5, 4), "float32", "rank-4"),
-    ("NonLocalBlock2D", dict(), (2, 5, 4), "float32", "rank-4"),
-    ("NonLocalBlock1D", dict(in_channels=4), (2, 5, 5, 4), "float32", "rank-3"),
-    ("NonLocalBlock2D", dict(in_channels=4), (2, 5, 5, 6), "float32", "expected 4 channels, got 6"),
-    ("NonLocalBlock2D", dict(in_channels=4), (2, 1, 5, 4), "float32", "sub_sample"),
-    ("RelationAwareAttention", dict(in_channels=8, spatial_size=[4, 5], cha_ratio=2, spa_ratio=2,
-                                    down_ratio=2), (2, 5, 4, 8), "float32", "built for spatial size"),
-    ("NonLocalMeans", dict(patch_size=5), (1, 2, 6, 1), "float32", "patch_size // 2"),
-    ("SelfAttention", dict(in_channels=8), (2, 4, 4, 8), "int32", "floating-point"),
+    ("NonLocalBlock2D", dict(), (2, 5, 4), "float32", "rank-4"),      # in_channels to be inferred
     ("Scale", dict(), (2, 3), "int32", "floating-point"),
 ])
 def test_input_errors(block, config, shape, dtype, needle):
@@ -255,35 +175,13 @@ def test_input_errors_after_build():
         layer(np.zeros((1, 4, 4, 4), np.int64))
 
 
-def test_config_errors():
-    with pytest.raises(ConfigError, match="mode must be one of"):
-        nk.NonLocalBlock2D(in_channels=4, mode="softmax")
-    with pytest.raises(ConfigError, match="unknown option"):
-        nk.SelfAttention(in_channels=8, heads=2)
+def test_keras_config_errors():
     with pytest.raises(ConfigError, match="data_format"):
         nk.ChannelAttention(data_format="NHWC")
-    with pytest.raises(ConfigError, match="spatial_size"):
+    with pytest.raises(ConfigError, match="spatial_size"):      # checked before in_channels is known
         nk.RelationAwareAttention(in_channels=8)
-    with pytest.raises(ConfigError, match="implementation"):
-        nk.PositionAttention(in_channels=8, implementation="flash")
-    with pytest.raises(ConfigError, match="implementation"):
-        nk.Scale(implementation=None)
-    with pytest.raises(ConfigError, match="query_chunk_size"):
-        nk.SelfAttention(in_channels=8, query_chunk_size=0)
     with pytest.raises(ConfigError, match="must divide"):   # validated when building
         nk.NonLocalBlock2D(mode="gaussian", num_heads=3)(np.zeros((1, 4, 4, 4), np.float32))
-
-
-def test_every_config_field_is_a_keyword():
-    for block, cls in nlattn.CONFIGS.items():
-        config, shape = ONE[block]
-        spec = make_spec(block, {**config, "in_channels": shape[1]} if block == "ChannelAttention" else config)
-        every = {f.name: getattr(spec, f.name) for f in dataclasses.fields(cls)}
-        layer = getattr(nk, block)(**every)
-        assert layer.spec == spec
-        assert set(every) <= set(layer.get_config())
-    layer = nk.ExplicitVisualCenter(8, 4, 2, 1e-4, 1e-3, 1e-4, 0.2, 1e-3)
-    assert layer.spec.mlp_ratio == 2 and layer.spec.layer_scale_init == 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +208,8 @@ def test_scale_gamma_is_trainable_with_the_right_gradient():
 def test_scale_is_the_gate_of_the_attention_blocks():
     layer = nk.CrissCrossAttention(in_channels=8)
     layer.build((None, 3, 3, 8))
-    assert isinstance(layer.sub["gamma"], nk.Scale)
-    assert any(v is layer.sub["gamma"].gamma for v in layer.trainable_weights)
+    assert isinstance(layer.gamma, nk.Scale)
+    assert any(v is layer.gamma.gamma for v in layer.trainable_weights)
 
 
 def test_scale_trains_with_fit():
@@ -328,45 +226,6 @@ def test_scale_trains_with_fit():
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("block", sorted(ONE))
-def test_export_load_export_is_bit_exact(block):
-    config, _ = ONE[block]
-    layer, w = build(block, config)
-    first = nk.export_weights(layer)
-    assert list(first) == list(tensors(layer.spec.schema()))
-    assert all(v.dtype == np.float32 and v.shape == w[k].shape for k, v in first.items())
-    assert all(np.array_equal(v, w[k].astype(np.float32)) for k, v in first.items())
-    other = getattr(nk, block)(**config)
-    nk.load_weights(other, first)
-    second = nk.export_weights(other)
-    assert all(np.array_equal(first[k], second[k]) for k in first)
-
-
-def test_framework_neutral_api_dispatches_to_keras():
-    layer, w = build("SelfAttention", dict(in_channels=8))
-    assert nlattn.export_weights(layer).keys() == w.keys()
-    nlattn.load_weights(layer, {k: v * 2 for k, v in w.items()})
-    assert np.array_equal(nk.export_weights(layer)["gamma"], (2 * w["gamma"]).astype(np.float32))
-
-
-def test_load_weights_is_atomic_and_lists_every_problem():
-    layer, w = build("NonLocalBlock2D", dict(in_channels=4))
-    before = nk.export_weights(layer)
-    bad = {k: v + 1 for k, v in w.items()}
-    del bad["theta.weight"]
-    bad["phi.bias"] = np.zeros(5)
-    bad["g.weight"] = np.full(w["g.weight"].shape, np.nan)
-    bad["extra"] = np.zeros(1)
-    with pytest.raises(WeightError) as e:
-        nk.load_weights(layer, bad)
-    text = str(e.value)
-    for needle in ("missing 'theta.weight'", "'phi.bias' has shape (5,)", "'g.weight' has non-finite",
-                   "unexpected 'extra'"):
-        assert needle in text
-    after = nk.export_weights(layer)
-    assert all(np.array_equal(before[k], after[k]) for k in before)
-
 
 def _nested_model():
     inner_in = keras.Input(shape=(4, 5, 8))
@@ -411,12 +270,38 @@ def test_model_load_is_atomic_across_blocks():
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-def test_weights_of_a_model_without_blocks():
-    inp = keras.Input(shape=(3,))
-    with pytest.raises(TypeError, match="contains no nlattn layer"):
-        nk.export_weights(keras.Model(inp, keras.layers.Dense(2)(inp)))
-    with pytest.raises(TypeError):
-        nk.load_weights(object(), {})
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.safetensors")), ids=lambda p: p.stem)
+def test_files_written_by_nlattn_0_1_load_into_a_fresh_layer(path, tmp_path):
+    """Canonical files written before the one-shape refactor load into a fresh layer, which then
+    holds exactly the file's weights, in schema order (also after a .weights.h5 round trip)."""
+    ckpt = nlattn.load_file(path)
+    layer = nk.BLOCKS[ckpt.block](**ckpt.config)
+    nk.load_weights(layer, ckpt.weights)
+    got = nk.export_weights(layer)
+    assert list(got) == list(tensors(layer.spec.schema())) and got.keys() == ckpt.weights.keys()
+    assert all(got[k].tobytes() == np.asarray(v, np.float32).tobytes() for k, v in ckpt.weights.items())
+    shape = channels_last(np.zeros(layer.spec.example_input_shape())).shape[1:]
+    saved = keras.Sequential([keras.Input(shape), layer])
+    h5 = str(tmp_path / f"{path.stem}.weights.h5")
+    saved.save_weights(h5)
+    fresh = nk.BLOCKS[ckpt.block](**ckpt.config)
+    keras.Sequential([keras.Input(shape), fresh]).load_weights(h5)
+    again = nk.export_weights(fresh)
+    assert all(again[k].tobytes() == got[k].tobytes() for k in got)
+
+
+@pytest.mark.parametrize("block", sorted(ONE))
+def test_keras_names_have_no_dots_and_weight_paths_are_unique(block):
+    """Dotted layer or weight names break Keras on the torch backend (its parameters are keyed by
+    variable path); the canonical prefixes are kept, dots as underscores."""
+    config, shape = ONE[block]
+    layer, _ = build(block, config, name="blk")
+    layer(channels_last(rand(shape, block=block)).astype(np.float32))
+    names = [sub.name for sub in layer._flatten_layers(include_self=True, recursive=True)]
+    paths = [v.path for v in layer.weights]
+    assert not [n for n in names + paths if "." in n]
+    assert len(set(paths)) == len(paths)
+    assert all(p.startswith("blk/") for p in paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +379,7 @@ FAST = [
     ("NonLocalBlock2D", dict(in_channels=8)),
     ("NonLocalBlock2D", dict(in_channels=8, mode="gaussian", num_heads=2, scale=0.3)),
     ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", num_heads=2)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", scale=0.3)),   # 0.1 ignored scale here
     ("NonLocalBlock2D", dict(in_channels=8, mode="concatenation")),
     ("SelfAttention", dict(in_channels=8, qk_ratio=2)),
     ("PositionAttention", dict(in_channels=8)),

@@ -1,6 +1,7 @@
 """The float64 reference against independent facts: explicit loops, identities, equivariances."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -305,11 +306,35 @@ def test_gelu_is_exact():
     ("ExplicitVisualCenter", {"in_channels": 2}, "in_channels"),
     ("CrissCrossAttention", {"in_channels": 8, "recurrence": 0}, "recurrence"),
     ("SelfAttention", {"in_channels": 8, "bogus": 1}, "unknown option"),
+    # strict types: a string is not a bool, NaN is not a number (these were accepted in 0.1)
+    ("NonLocalBlock2D", {"in_channels": 8, "bn_layer": "False"}, "bn_layer must be True or False"),
+    ("NonLocalBlock2D", {"in_channels": 8, "sub_sample": "no"}, "sub_sample must be True or False"),
+    ("NonLocalBlock2D", {"in_channels": 8.0}, "in_channels must be an integer"),
+    ("NonLocalBlock2D", {"in_channels": 8, "scale": float("nan")}, "scale must be a finite number"),
+    ("ExplicitVisualCenter", {"in_channels": 8, "layer_scale_init": float("nan")}, "layer_scale_init"),
+    ("ExplicitVisualCenter", {"in_channels": 8, "bn_momentum": 5}, r"bn_momentum must be in \[0, 1\]"),
+    ("ExplicitVisualCenter", {"in_channels": 8, "encoding_bn_eps": 0.0}, "encoding_bn_eps must be > 0"),
+    ("RelationAwareAttention", {"in_channels": 16, "spatial_size": (4, 5), "cha_ratio": 2, "spa_ratio": 4,
+                                "down_ratio": 2, "bn_eps": -1}, "bn_eps must be > 0"),
+    ("RelationAwareAttention", {"in_channels": 16, "spatial_size": "4x5"}, "spatial_size must be a tuple"),
+    ("Scale", {"init": "abc"}, "init must be a finite number"),
+    ("NonLocalMeans", {"h": float("inf")}, "h must be a finite number"),
 ])
 def test_bad_configs_fail_at_construction(block, config, match):
     with pytest.raises(ConfigError, match=match) as e:
         make_config(block, **config)
     assert block in str(e.value)
+
+
+def test_numpy_scalars_are_plain_values_in_the_config():
+    cfg = make_config("NonLocalBlock2D", in_channels=np.int64(16), sub_sample=np.bool_(False),
+                      bn_eps=np.float32(1e-3))
+    assert (cfg.in_channels, cfg.sub_sample) == (16, False)
+    assert type(cfg.in_channels) is int and type(cfg.sub_sample) is bool and type(cfg.bn_eps) is float
+    assert json.loads(json.dumps(cfg.to_dict()))["in_channels"] == 16
+    rga = make_config("RelationAwareAttention", in_channels=16, spatial_size=[np.int32(4), 5], cha_ratio=2,
+                      spa_ratio=4, down_ratio=2)
+    assert rga.spatial_size == (4, 5) and all(type(s) is int for s in rga.spatial_size)
 
 
 @pytest.mark.parametrize("block,config,shape,match", [

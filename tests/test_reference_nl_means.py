@@ -10,8 +10,7 @@ import pytest
 
 from nlattn.errors import ConfigError, InputError, WeightError
 from nlattn.numpy_ref import run
-from nlattn.numpy_ref.nl_means import (DISTANCE_CUTOFF, fast_exp, fast_exp_envelope,
-                                       non_local_means)
+from nlattn.numpy_ref.nl_means import DISTANCE_CUTOFF, fast_exp, fast_exp_envelope, non_local_means
 
 skimage = pytest.importorskip("skimage")
 from skimage import data  # noqa: E402

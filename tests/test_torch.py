@@ -17,15 +17,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nlattn
 import nlattn.torch as nt
-
-FIXTURES = Path(__file__).parent / "fixtures" / "v0.1"
 from conftest import ONE_CASE_PER_BLOCK
-
 from nlattn import InputError
 from nlattn.conformance.cases import CASES
 from nlattn.conformance.runner import error
 from nlattn.numpy_ref import run as reference
 from nlattn.specs import random_weights, tensors
+
+FIXTURES = Path(__file__).parent / "fixtures" / "v0.1"
 
 torch.set_float32_matmul_precision("highest")   # no TF32 (docs/design.md §5)
 

@@ -103,6 +103,47 @@ def test_imported_checkpoint_saves_its_conventions(tmp_path):
     assert np.array_equal(run(back.block, x, back.weights, back.config), run(ckpt.block, x, ckpt.weights, ckpt.config))
 
 
+def test_saved_files_honour_the_umask_and_keep_an_existing_mode(tmp_path):
+    spec = make_config("Scale")
+    old = os.umask(0o027)
+    try:
+        path = save_weights(tmp_path / "new.safetensors", f32(spec), block="Scale", config={})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640           # as open() would create it
+    os.chmod(path, 0o644)
+    save_weights(path, f32(spec, 1), block="Scale", config={})
+    assert os.stat(path).st_mode & 0o777 == 0o644           # rewriting keeps the file's mode
+    assert np.array_equal(load_file(path).weights["gamma"], f32(spec, 1)["gamma"])
+
+
+def test_two_threads_saving_to_one_path_both_succeed(tmp_path):
+    import threading
+
+    spec = make_config("NonLocalBlock2D", in_channels=4)
+    sets = [f32(spec, 0), f32(spec, 1)]
+    path, errors = tmp_path / "nl.safetensors", []
+    for _ in range(10):
+        barrier = threading.Barrier(2)
+
+        def save(w, barrier=barrier):
+            barrier.wait()
+            try:
+                save_weights(path, w, block="NonLocalBlock2D", config={"in_channels": 4})
+            except Exception as e:   # noqa: BLE001 - recorded, asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=save, args=(w,)) for w in sets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = load_file(path).weights
+        assert any(all(np.array_equal(got[k], w[k]) for k in w) for w in sets)
+    assert not errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nl.safetensors"]   # no temporary left
+
+
 def test_save_weights_validates_before_writing(tmp_path):
     spec, w = nl2d()
     cfg = spec.to_dict()
@@ -237,7 +278,8 @@ def test_malicious_pickle_is_refused(tmp_path, payload):
     cwd = os.getcwd()
     os.chdir(tmp_path)              # EvilExec writes ./MARKER
     try:
-        with pytest.raises(UnsafePickleError, match=r"refused to unpickle global (posix|os|nt|builtins|__builtin__)\.(system|exec)"):
+        refused = r"refused to unpickle global (posix|os|nt|builtins|__builtin__)\.(system|exec)"
+        with pytest.raises(UnsafePickleError, match=refused):
             read_state_dict(path)
         with pytest.raises(UnsafePickleError, match="c2_model.pkl"):
             from_checkpoint(str(path), "caffe2")
@@ -352,7 +394,8 @@ def test_convert_reports_dropped_and_applies_config(tmp_path, capsys):
     spec = make_config("ExplicitVisualCenter", in_channels=4, num_codes=2)
     w = f32(spec, seed=3)
     sd = {f"neck.evc.{k}": v for k, v in w.items()}
-    sd["neck.evc.l_MLP.linear.weight"], sd["neck.evc.l_MLP.linear.bias"] = np.ones((4, 4), np.float32), np.ones(4, np.float32)
+    sd["neck.evc.l_MLP.linear.weight"] = np.ones((4, 4), np.float32)
+    sd["neck.evc.l_MLP.linear.bias"] = np.ones(4, np.float32)
     np.savez(tmp_path / "cfp.npz", **sd)
     dst = tmp_path / "evc.safetensors"
     assert main(["convert", str(tmp_path / "cfp.npz"), str(dst), "--source", "cfpnet", "--config", "bn_eps=1e-3"]) == 0
@@ -392,13 +435,43 @@ def test_convert_errors(tmp_path, capsys):
     assert main(["convert", str(src), str(dst), "--source", "mmseg"]) == 1
     assert "unknown checkpoint source 'mmseg'" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst)]) == 1          # a .pth is not a canonical file
-    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert "not an nlattn .safetensors file: for a published checkpoint give its source (--source" \
+        in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--block", "NonLocalBlock2D", "--config", "in_channels=4"]) == 1
     assert "unexpected 'module.nl.g.0.weight'" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "none.pth"), str(dst), "--source", "alexhex7"]) == 1
     assert "no such weights file" in capsys.readouterr().err
     assert not dst.exists() and not (tmp_path / "out.onnx").exists()
     assert listing(tmp_path) == ["alexhex7.pth"]
+
+
+def test_convert_to_an_unwritable_destination_is_one_line(tmp_path, capsys):
+    spec, w = nl2d()
+    src = alexhex7_file(tmp_path, w)
+    missing = tmp_path / "no" / "such" / "out.safetensors"
+    assert main(["convert", str(src), str(missing), "--source", "alexhex7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert: cannot write") and "no directory" in err and err.count("\n") == 1
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):      # root ignores directory permissions: a file stands in
+            locked.chmod(0o700)
+            (locked / "out.safetensors").mkdir()     # os.replace onto a directory fails
+        code = main(["convert", str(src), str(locked / "out.safetensors"), "--source", "alexhex7"])
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert code in (1, 2) and err.startswith("convert: cannot write") and err.count("\n") == 1
+
+
+def test_conformance_with_a_bad_adapter_is_one_line(capsys):
+    assert main(["conformance", "--adapter", "garbage"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("conformance: cannot load adapter 'garbage'") and err.count("\n") == 1
+    assert main(["conformance", "--adapter", "no_such_module:Adapter"]) == 2
+    assert "ModuleNotFoundError" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +487,7 @@ def test_import_nlattn_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "nlattn.weights.files"]
     with pytest.raises(AttributeError, match="no attribute 'load_checkpoint'"):
-        nlattn.load_checkpoint
+        getattr(nlattn, "load_checkpoint")   # noqa: B009 - the attribute access is what is tested
 
 
 def test_dispatch_errors_without_a_framework(monkeypatch):

@@ -7,7 +7,8 @@
 
 from .adapter import BUILTIN, Adapter, ReferenceAdapter, adapter_names, available_adapters, load_adapter
 from .cases import CASES, CASES_BY_ID, Case, select
-from .golden import GoldenError, load as load_golden
+from .golden import GoldenError
+from .golden import load as load_golden
 from .runner import TOLERANCE, Result, error, format_table, jobs, run_check, run_conformance
 
 __all__ = ["Adapter", "BUILTIN", "CASES", "CASES_BY_ID", "Case", "GoldenError", "ReferenceAdapter",

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,10 @@ class Golden:
     train_stats_biased: dict[str, np.ndarray] | None = None
 
     def stats(self, unbiased: bool) -> dict[str, np.ndarray]:
-        return self.train_stats if unbiased else self.train_stats_biased
+        stats = self.train_stats if unbiased else self.train_stats_biased
+        if stats is None:
+            raise GoldenError(f"{self.case.id} has no BatchNorm, hence no running statistics")
+        return stats
 
 
 def make_input(case: Case, rng: np.random.Generator) -> np.ndarray:
@@ -56,7 +60,7 @@ def compute(case: Case) -> Golden:
     spec = case.spec
     weights = random_weights(spec.schema(), rng)
     x = make_input(case, rng)
-    g = Golden(case, x, weights, None)
+    g = Golden(case, x, weights, np.empty(0))
     if case.has_attention:
         g.output, g.attention = run(case.block, x, weights, case.config, return_attention=True)
     else:
@@ -76,8 +80,8 @@ def _flatten(g: Golden) -> dict[str, np.ndarray]:
         t["attention"] = g.attention
     if g.train_output is not None:
         t["train.output"] = g.train_output
-        t.update({f"train.stats.{k}": v for k, v in g.train_stats.items()})
-        t.update({f"train.stats_biased.{k}": v for k, v in g.train_stats_biased.items()})
+        t.update({f"train.stats.{k}": v for k, v in g.stats(unbiased=True).items()})
+        t.update({f"train.stats_biased.{k}": v for k, v in g.stats(unbiased=False).items()})
     return {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in t.items()}
 
 
@@ -107,7 +111,7 @@ def write_all(directory: Path = GOLDEN_DIR, cases=CASES) -> list[Path]:
     for old in directory.glob("*.safetensors"):
         if old.name not in keep:
             old.unlink()
-    manifest = {"layout": LAYOUT_VERSION, "files": {}}
+    manifest: dict[str, Any] = {"layout": LAYOUT_VERSION, "files": {}}
     paths = []
     for case in cases:
         path = directory / f"{case.id}.safetensors"

@@ -6,15 +6,14 @@
     block.eval()                                   # BatchNorm: running statistics
     y, attention = block(x, return_attention=True)
 
-Every block keeps its validated config as ``block.spec``; its sub-modules sit at the canonical
-weight names (``block.theta``, ``block.bn``, ...). Blocks with BatchNorm start in training mode,
-as ``nnx.BatchNorm`` does: call ``.eval()`` / ``.train()`` to switch.
-
-``implementation="auto"`` (default) runs a block's fast path, which never forms the N×M relation
-matrix (query-chunked softmax attention, ``query_chunk_size=1024``; θ(φᵀg)/M for dot_product;
-sorting for concatenation); ``"naive"`` the readable materialising path, also used for
-``return_attention=True``. ``export_weights`` / ``load_weights`` take a block or any
-``nnx.Module`` holding blocks (names prefixed by their attribute paths, e.g. ``stage.1.nl.g.weight``).
+Every class takes the keywords of its config (``nlattn.make_config``), keeps it as ``.spec``, and
+has its sub-modules at the canonical weight names (``block.theta``, ``block.bn``, ...;
+docs/design.md §3). Blocks with BatchNorm start in training mode, as ``nnx.BatchNorm`` does: call
+``.eval()`` / ``.train()`` to switch. ``implementation="auto"`` (default) runs a block's fast path,
+which never forms the N×M relation matrix (query-chunked softmax attention,
+``query_chunk_size=1024``); ``"naive"`` the readable materialising path, also used for
+``return_attention=True``. ``export_weights`` / ``load_weights`` take a block or any ``nnx.Module``
+holding blocks (names prefixed by their attribute paths, e.g. ``stage.1.nl.g.weight``).
 """
 
 try:
@@ -24,7 +23,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"nlattn.jax needs JAX and Flax ({e}); install them with "
                       f"`pip install nlattn[jax]`") from e
 
-from ._weights import export_weights, load_weights
+from ..specs import CONFIGS
+from ._base import Block
+from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
 from .evc import ExplicitVisualCenter
 from .nl_means import NonLocalMeans
@@ -32,10 +33,7 @@ from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
 from .rga import RelationAwareAttention
 from .scale import Scale
 
-#: block class name -> Flax class
-BLOCKS = {cls.config_class.block: cls for cls in (
-    NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D, SelfAttention, PositionAttention,
-    ChannelAttention, CrissCrossAttention, RelationAwareAttention, ExplicitVisualCenter,
-    NonLocalMeans, Scale)}
+#: block class name -> Flax class, for every block of the spec
+BLOCKS: dict[str, type[Block]] = {name: globals()[name] for name in CONFIGS}
 
-__all__ = ["BLOCKS", *BLOCKS, "export_weights", "load_weights"]
+__all__ = ["BLOCKS", "Block", *BLOCKS, "blocks", "export_weights", "load_weights"]

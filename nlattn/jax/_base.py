@@ -1,110 +1,51 @@
-"""What every Flax block shares: the config, schema-driven sub-modules, input checks, pooling.
+"""What every Flax block shares: argument binding, input checks, and ``make``, which builds the
+Flax layer of one schema layer with the spec's initialisation.
 
-Blocks are channels-last (``(B, L, C)``, ``(B, H, W, C)``, ``(B, T, H, W, C)``) like every Flax
-layer. Their sub-modules are built from ``spec.schema()`` and sit at the canonical prefixes
-(``block.theta``, ``block.lvc.conv_1.conv1``; indexed names such as ``W_spatial.3`` live in an
-``nnx.List``, with ``None`` where the published ``nn.Sequential`` has a weightless layer), so the
-canonical weight names map one to one onto ``nnx.state`` paths (see ``_weights.py``).
+The same file in ``nlattn/torch`` and ``nlattn/tf`` has the same names: ``Block`` (with
+``build_layers(make)``, ``fast``, ``check_input``) and ``make``. Flax blocks are channels-last
+(``(B, L, C)``, ``(B, H, W, C)``, ``(B, T, H, W, C)``) like every Flax layer; their sub-modules sit
+at the canonical prefixes (``block.theta``, ``block.lvc.conv_1.conv1``, ``block.W_spatial[3]``), so
+the canonical weight names map one to one onto ``nnx.state`` paths (docs/design.md §3).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, ClassVar
+import functools
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..errors import ConfigError, InputError
-from ..specs import BatchNorm, BlockConfig, Conv, Dense, GroupNorm, Param, check_float_dtype, make_config
+from ..errors import InputError
+from ..specs import (
+    DEFAULT_QUERY_CHUNK_SIZE,
+    BatchNorm,
+    BlockConfig,
+    Conv,
+    Dense,
+    GroupNorm,
+    Layer,
+    Param,
+    Uniform,
+    check_float_dtype,
+    config_signature,
+    parse_arguments,
+)
 
 _LAYOUT = {1: "(B, L, C)", 2: "(B, H, W, C)", 3: "(B, T, H, W, C)"}
 
-#: ``implementation=`` values: "auto" runs the fast path where the block has one, "naive" the
-#: readable path that materialises the relation map (always used for ``return_attention=True``)
-IMPLEMENTATIONS = ("auto", "naive")
-
-
-class Group(nnx.Module):
-    """A weightless container, so that dotted canonical prefixes become attribute paths."""
-
-
-def path_of(name: str) -> tuple[str | int, ...]:
-    """Canonical dotted name -> nnx path (digits index an ``nnx.List``)."""
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
-
-
-def make_layer(layer, rngs: nnx.Rngs, dtype, param_dtype, override: Any = None):
-    """The Flax module (or ``nnx.Param``) of one schema layer.
-
-    ``override``: extra keywords for the Flax layer (e.g. ``scale_init``), or for a ``Param`` an
-    initializer ``f(key, shape, dtype)``.
-    """
-    kw = dict(override or {}) if not isinstance(layer, Param) else {}
-    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    if isinstance(layer, Conv):
-        padding = "VALID" if layer.padding is None else tuple((p, p) for p in layer.padding)
-        return nnx.Conv(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
-                        feature_group_count=layer.groups, use_bias=layer.bias, **common, **kw)
-    if isinstance(layer, BatchNorm):
-        # Flax momentum is the weight of the old running value: torch 0.1 == Flax 0.9
-        return nnx.BatchNorm(layer.num_features, momentum=1.0 - layer.momentum, epsilon=layer.eps,
-                             use_fast_variance=False, **common, **kw)
-    if isinstance(layer, Dense):
-        return nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.bias, **common, **kw)
-    if isinstance(layer, GroupNorm):
-        return nnx.GroupNorm(layer.num_channels, num_groups=layer.num_groups, epsilon=layer.eps,
-                             use_fast_variance=False, **common, **kw)
-    if isinstance(layer, Param):
-        if override is not None:
-            return nnx.Param(override(rngs.params(), layer.shape, param_dtype))
-        if layer.init is None:
-            raise ValueError(f"parameter {layer.name!r} has no constant init; give an initializer")
-        return nnx.Param(jnp.full(layer.shape, layer.init, dtype=param_dtype))
-    raise TypeError(f"unknown schema layer {layer!r}")
-
-
-def install_schema(root: nnx.Module, schema, rngs: nnx.Rngs, dtype, param_dtype,
-                   overrides: dict[str, Any] | None = None) -> None:
-    """Create every layer of ``schema`` and attach it to ``root`` at its canonical prefix."""
-    overrides = overrides or {}
-    tree: dict = {}
-    for layer in schema:
-        name = getattr(layer, "prefix", None) or layer.name
-        *parents, leaf = path_of(name)
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = make_layer(layer, rngs, dtype, param_dtype, overrides.get(name))
-
-    def materialise(node):
-        if not isinstance(node, dict):
-            return node
-        if all(isinstance(k, int) for k in node):   # an nn.Sequential: None for weightless layers
-            return nnx.List([materialise(node[i]) if i in node else None for i in range(max(node) + 1)])
-        group = Group()
-        for k, v in node.items():
-            setattr(group, k, materialise(v))
-        return group
-
-    for k, v in tree.items():
-        setattr(root, k, materialise(v))
-
 
 class Block(nnx.Module):
-    """Base of every nlattn Flax block: keeps the validated config as ``spec``.
+    """Base of every nlattn Flax block: ``self.spec`` holds the validated config.
 
-    Constructor: the config's fields (positionally in their documented order, or as keywords),
-    plus ``implementation="auto" | "naive"`` and the NNX keywords ``rngs`` (default
-    ``nnx.Rngs(0)``), ``dtype`` (computation dtype of the Flax layers, None: inferred) and
-    ``param_dtype`` (default float32).
-
-    ``implementation``: "auto" takes the block's fast path (it never materialises the N×M relation
-    matrix; an exact re-formulation) where it has one, and the readable materialising path for
-    ``return_attention=True``; "naive" always takes the materialising path. ``block.implementation``
-    is the path the block runs: blocks without a fast path (CAM, CCNet, RGA, EVC, NonLocalMeans,
-    Scale) accept both values and resolve them to "naive".
+    Positional and keyword arguments are the config's fields (docs/design.md §2);
+    ``implementation`` is "auto" (a fast path where the block has one; the materialising one for
+    ``return_attention``) or "naive" (always the readable materialising path), kept as given;
+    blocks whose path is chunked softmax attention (``spec.query_chunked``) also take
+    ``query_chunk_size`` (queries per step). The NNX keywords: ``rngs`` (default ``nnx.Rngs(0)``),
+    ``dtype`` (computation dtype of the Flax layers, None: inferred) and ``param_dtype`` (default
+    float32). Subclasses set ``config_class`` and create their layers in ``build_layers(make)``.
 
     Like ``nnx.BatchNorm``, a block with batch norm starts in *training* mode (batch statistics,
     running statistics updated on every call); call ``block.eval()`` for inference with the running
@@ -112,49 +53,62 @@ class Block(nnx.Module):
     """
 
     config_class: ClassVar[type[BlockConfig]]
-    #: whether ``implementation="auto"`` has a path of its own
-    has_fast_path: ClassVar[bool] = False
+    spec: Any    # an instance of config_class, whose fields the block reads
 
-    def __init__(self, *args, implementation: str = "auto", rngs: nnx.Rngs | None = None, dtype=None,
-                 param_dtype=jnp.float32, **config):
-        names = [f.name for f in dataclasses.fields(self.config_class)]
-        block = self.config_class.block
-        if len(args) > len(names):
-            raise TypeError(f"{block}() takes at most {len(names)} positional arguments ({len(args)} given)")
-        for name, value in zip(names, args):
-            if name in config:
-                raise TypeError(f"{block}() got multiple values for argument {name!r}")
-            config[name] = value
-        self.spec = make_config(block, **config)
-        if implementation not in IMPLEMENTATIONS:
-            raise ConfigError(f"{block}: implementation must be one of {IMPLEMENTATIONS}, "
-                              f"got {implementation!r}")
-        self.implementation = implementation if self.has_fast_path else "naive"
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "config_class" in cls.__dict__:    # a user-facing block: show the config's keywords
+            chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
+            cls.__signature__ = config_signature(cls.config_class, *chunk, ("rngs", None), ("dtype", None),
+                                                 ("param_dtype", jnp.float32))
+
+    def __init__(self, *args, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32, **kwargs):
+        arguments = parse_arguments(self.config_class, args, kwargs, chunked=True)
+        self.implementation = arguments.implementation
+        if arguments.query_chunk_size is not None:
+            self.query_chunk_size = arguments.query_chunk_size
+        # keywords that are neither config fields nor Flax's: ConfigError naming the known ones
+        self.spec = self.config_class.from_dict({**arguments.config, **arguments.rest})
         self.param_dtype = jnp.dtype(param_dtype)
-        self.build(nnx.Rngs(0) if rngs is None else rngs, dtype, param_dtype)
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.build_layers(functools.partial(make, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
 
-    def build(self, rngs: nnx.Rngs, dtype, param_dtype) -> None:
-        install_schema(self, self.spec.schema(), rngs, dtype, param_dtype, self.overrides())
+    def build_layers(self, make) -> None:
+        """Create the block's layers as attributes named after the schema (``self.theta = ...``)."""
 
-    def overrides(self) -> dict[str, Any]:
-        """Per-layer init overrides (published inits); the framework's usual init otherwise."""
-        return {}
+    def fast(self, return_attention: bool = False) -> bool:
+        """Whether this call takes the fast path: "auto", and no attention map asked for."""
+        return self.implementation == "auto" and not return_attention
 
     def check_input(self, x) -> jax.Array:
-        """Validate a channels-last input (rank, channels, spatial size, float dtype)."""
-        x = jnp.asarray(x)
+        """x as a jax array; InputError unless it is floating and of the expected channels-last shape."""
         spec = self.spec
-        check_float_dtype(spec.block, x.dtype)
+        check_float_dtype(spec.block, x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)  # as given
+        x = jnp.asarray(x)
         rank = 2 + spec.spatial_dims
         if x.ndim != rank:
             raise InputError(f"{spec.block}: expected a rank-{rank} channels-last input "
                              f"{_LAYOUT[spec.spatial_dims]}, got shape {tuple(x.shape)}")
-        channels_first = (x.shape[0], x.shape[-1], *x.shape[1:-1])
         try:
-            spec.check_input_shape(channels_first)
+            spec.check_input_shape((x.shape[0], x.shape[-1], *x.shape[1:-1]))   # channels-first order
         except InputError as e:
             raise InputError(f"{e} [channels-last input {_LAYOUT[spec.spatial_dims]}: "
                              f"shape {tuple(x.shape)}]") from None
+        return x
+
+
+class Sequential(nnx.List):
+    """``nn.Sequential``'s Flax twin: an ``nnx.List`` of layers called in order, weightless ones
+    (activations) included as plain functions. Unlike ``nnx.Sequential`` (which holds its layers
+    under ``.layers``) the layers sit at the indices themselves, as the canonical names say
+    (``W_spatial.3`` is ``block.W_spatial[3]``)."""
+
+    def __init__(self, *layers):
+        super().__init__(layers)
+
+    def __call__(self, x):
+        for layer in self:
+            x = layer(x)
         return x
 
 
@@ -167,44 +121,34 @@ def max_pool(x: jax.Array, window: tuple[int, ...], stride: tuple[int, ...] | No
                                  (1, *(stride or window), 1), pads)
 
 
-def check_chunk_size(block: str, value) -> int:
-    """Validate ``query_chunk_size`` (queries per step of the chunked softmax attention)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{block}: query_chunk_size must be an integer >= 1, got {value!r}")
-    return value
+def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> nnx.Module | nnx.Param:
+    """The Flax layer of a schema layer, initialised as the spec says (Flax's init otherwise);
+    conv rank follows the kernel. ``Block`` passes its ``rngs``, ``dtype`` and ``param_dtype``."""
+    common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    zeros = jax.nn.initializers.zeros
+    init: dict[str, Any]
+    if isinstance(layer, Conv):
+        padding = "VALID" if layer.padding is None else tuple((p, p) for p in layer.padding)
+        init = dict(kernel_init=zeros, bias_init=zeros) if layer.zero_init else {}
+        return nnx.Conv(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
+                        feature_group_count=layer.groups, use_bias=layer.bias, **init, **common)
+    if isinstance(layer, BatchNorm):
+        init = dict(scale_init=zeros, bias_init=zeros) if layer.zero_init else {}
+        # Flax momentum is the weight of the old running value: torch 0.1 == Flax 0.9
+        return nnx.BatchNorm(layer.num_features, momentum=1.0 - layer.momentum, epsilon=layer.eps,
+                             use_fast_variance=False, **init, **common)
+    if isinstance(layer, Dense):
+        return nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.bias, **common)
+    if isinstance(layer, GroupNorm):
+        return nnx.GroupNorm(layer.num_channels, num_groups=layer.num_groups, epsilon=layer.eps,
+                             use_fast_variance=False, **common)
+    if isinstance(layer, Param):     # Gate included: a plain parameter here
+        return nnx.Param(initial(layer.init, layer.shape, rngs, param_dtype))
+    raise TypeError(f"unknown schema layer {layer!r}")  # pragma: no cover
 
 
-def chunked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int,
-                              scale: float | None = None) -> jax.Array:
-    """softmax(q kᵀ [· scale]) v without the (N, M) matrix: queries go ``chunk`` at a time.
-
-    q (B, N, h, c), k (B, M, h, c), v (B, M, h, cv) -> (B, N, h, cv). Each query row's softmax is
-    the naive one, so the result is the same computation row by row. N is zero-padded to a multiple
-    of ``chunk`` (the padded rows are dropped); the step is rematerialised under differentiation, so
-    training memory stays O(chunk · M) too. Heads lead inside (B, h, ·, ·): faster dots on CPU.
-    """
-    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)                 # (B, h, M, ·)
-
-    def rows(qc):                        # (B, h, cq, c) -> (B, h, cq, cv)
-        e = jnp.einsum("bhnc,bhmc->bhnm", qc, k)
-        if scale is not None:
-            e = e * scale
-        return jnp.einsum("bhnm,bhmc->bhnc", jax.nn.softmax(e, -1), v)
-
-    b, n, h = q.shape[:3]
-    q = jnp.swapaxes(q, 1, 2)                                              # (B, h, N, c)
-    if n <= chunk:
-        return jnp.swapaxes(rows(q), 1, 2)
-    steps = -(-n // chunk)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, steps * chunk - n), (0, 0)))
-    q = jnp.moveaxis(q.reshape(b, h, steps, chunk, q.shape[-1]), 2, 0)   # (steps, B, h, chunk, c)
-    out = jax.lax.map(jax.checkpoint(rows), q)                             # (steps, B, h, chunk, cv)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, steps * chunk, -1)[:, :, :n]
-    return jnp.swapaxes(out, 1, 2)
-
-
-def zeros_init(key, shape, dtype=jnp.float32):
-    return jnp.zeros(shape, dtype)
-
-
-Init = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+def initial(init: float | Uniform, shape: tuple[int, ...], rngs: nnx.Rngs, dtype) -> jax.Array:
+    """An array initialised by a spec's init rule: a constant or U(low, high)."""
+    if isinstance(init, Uniform):
+        return jax.random.uniform(rngs.params(), shape, dtype, init.low, init.high)
+    return jnp.full(shape, float(init), dtype=dtype)

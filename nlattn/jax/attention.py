@@ -5,78 +5,81 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..specs import (ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig,
-                     SelfAttentionConfig)
-from ._base import Block, check_chunk_size, chunked_softmax_attention
+from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
+from . import kernels
+from ._base import Block
 
 
-class _SAGAN(Block):
-    has_fast_path = True
+class _QKV(Block):
+    """The SAGAN / PAM / CCNet layers: 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio),
+    ``value_conv`` (C -> C) and the residual gate ``gamma`` (1,), 0 at init (the identity)."""
 
-    def __init__(self, *args, query_chunk_size: int = 1024, **kwargs):
-        self.query_chunk_size = check_chunk_size(self.config_class.block, query_chunk_size)
-        super().__init__(*args, **kwargs)
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.query_conv = make(L["query_conv"])
+        self.key_conv = make(L["key_conv"])
+        self.value_conv = make(L["value_conv"])
+        self.gamma = make(L["gamma"])
+
+    def qkv(self, x):
+        return self.query_conv(x), self.key_conv(x), self.value_conv(x)
+
+
+class _SAGAN(_QKV):
+    """``implementation="auto"`` attends ``query_chunk_size`` queries at a time, never storing the
+    N×N map (memory O(chunk · N)); ``"naive"`` materialises it."""
 
     def __call__(self, x, return_attention: bool = False):
-        """x (B, H, W, C) -> y (B, H, W, C), and A (B, N, N) with return_attention=True."""
+        """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
         x = self.check_input(x)
-        b, h, w, c = x.shape
-        q, k, v = (t.reshape(b, h * w, 1, -1) for t in (self.query_conv(x), self.key_conv(x), self.value_conv(x)))
-        if return_attention or self.implementation == "naive":
-            attn = jax.nn.softmax(jnp.einsum("bnhc,bmhc->bnm", q, k), -1)     # (B, N, N), over keys
-            out = jnp.einsum("bnm,bmhc->bnhc", attn, v)
-        else:                                                                # never (N, N)
-            attn, out = None, chunked_softmax_attention(q, k, v, self.query_chunk_size)
-        y = self.gamma[...] * out.reshape(x.shape) + x
+        q, k, v = (t.reshape(t.shape[0], 1, -1, t.shape[-1]) for t in self.qkv(x))   # (B, 1, N, c)
+        if self.fast(return_attention):
+            attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
+        else:
+            attn = kernels.softmax(q @ jnp.swapaxes(k, -1, -2))[:, 0]    # (B, N, N), over keys
+            out = attn[:, None] @ v
+        y = self.gamma[...] * out[:, 0].reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
 class SelfAttention(_SAGAN):
-    """SAGAN self-attention on (B, H, W, C): y = γ·(A V) + x with A = softmax(Q Kᵀ) (B, N, N).
-
-    Keywords: in_channels, qk_ratio=8 (Q and K have in_channels // qk_ratio channels),
-    implementation="auto" | "naive", query_chunk_size=1024 (the fast path attends that many
-    queries at a time, memory O(chunk · N) instead of N²). γ starts at 0.
-    ``return_attention=True`` (materialising path) also returns A, rows are queries, positions
-    flattened row-major.
-    """
+    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
+               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
     config_class = SelfAttentionConfig
 
 
 class PositionAttention(_SAGAN):
-    """DANet position attention module (PAM) on (B, H, W, C); the SAGAN computation.
-
-    Keywords: in_channels, qk_ratio=8, implementation="auto" | "naive", query_chunk_size=1024
-    (see ``SelfAttention``). γ starts at 0. ``return_attention=True`` also returns A (B, N, N).
-    """
+    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
+               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
     config_class = PositionAttentionConfig
 
 
 class ChannelAttention(Block):
-    """DANet channel attention module (CAM) on (B, H, W, C); no convs.
+    """DANet channel attention module (CAM), no convs: E = XᵀX (B, C, C) over X = x as (B, N, C),
+    A = softmax(max_k E − E), y = γ·X Aᵀ + x with γ (1,) = 0 at init.
 
-    E = XᵀX (B, C, C) with X the (N, C) positions, A = softmax(max_k E − E), y = γ·(X Aᵀ) + x.
-    Keywords: in_channels=None (checked when given). γ starts at 0.
-    ``return_attention=True`` also returns A (B, C, C).
+    x (B, H, W, C) -> (B, H, W, C) [, attention (B, C, C)]. ``in_channels`` is optional.
     """
     config_class = ChannelAttentionConfig
 
+    def build_layers(self, make):
+        self.gamma = make(self.spec.layers()["gamma"])
+
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
-        b, c = x.shape[0], x.shape[-1]
-        xf = x.reshape(b, -1, c)                                          # (B, N, C)
-        energy = jnp.einsum("bnc,bnd->bcd", xf, xf)
+        xf = x.reshape(x.shape[0], -1, x.shape[-1])          # (B, N, C)
+        energy = jnp.swapaxes(xf, 1, 2) @ xf
         attn = jax.nn.softmax(energy.max(-1, keepdims=True) - energy, -1)
-        y = self.gamma[...] * jnp.einsum("bcd,bnd->bnc", attn, xf).reshape(x.shape) + x
+        y = self.gamma[...] * (xf @ jnp.swapaxes(attn, 1, 2)).reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
-class CrissCrossAttention(Block):
-    """CCNet criss-cross attention on (B, H, W, C), ``recurrence`` passes with shared weights.
+class CrissCrossAttention(_QKV):
+    """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
 
-    Each pixel attends to its column (itself excluded) and its row (itself included) with one
-    softmax over the H + W energies. Keywords: in_channels, qk_ratio=8, recurrence=1. γ starts at 0.
-    ``return_attention=True`` also returns the last pass's map (B, H, W, H + W), column first.
+    Pixel (i, j) attends to its column (itself masked out) and its row (itself included) with one
+    softmax over the H + W energies; y = γ·out + x, γ (1,) = 0 at init. x (B, H, W, C) ->
+    (B, H, W, C) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
     config_class = CrissCrossAttentionConfig
 
@@ -85,7 +88,7 @@ class CrissCrossAttention(Block):
         h = x.shape[1]
         itself = jnp.eye(h, dtype=bool)[:, None, :]                      # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
-            q, k, v = self.query_conv(x), self.key_conv(x), self.value_conv(x)
+            q, k, v = self.qkv(x)
             e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", q, k))
             e_row = jnp.einsum("bhwc,bhvc->bhwv", q, k)
             attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1)

@@ -17,10 +17,12 @@ import numpy as np
 from flax import nnx
 
 from ..conformance.adapter import Adapter
-from . import BLOCKS, load_weights
-from ._weights import canonical
+from ..specs import tensors
+from ..weights.access import STATISTICS
+from . import BLOCKS
+from ._weights import ACCESS, load_weights
 
-# DESIGN §5: no reduced-precision matmuls (TF32 and friends on accelerators)
+# docs/design.md §5: no reduced-precision matmuls (TF32 and friends on accelerators)
 jax.config.update("jax_default_matmul_precision", "float32")
 
 
@@ -77,7 +79,7 @@ class FlaxAdapter(Adapter):
         """
         cls = BLOCKS[block]
         kw = dict(config, implementation=self.implementation, param_dtype=jnp.dtype(dtype))
-        if cls.has_fast_path:
+        if cls.config_class.query_chunked:
             kw["query_chunk_size"] = self.query_chunk_size
         m = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0)))
         _materialise_zeros(m)
@@ -109,8 +111,7 @@ class FlaxAdapter(Adapter):
         return _to_first(out), np.asarray(attn, dtype=np.float64)
 
     def running_stats(self, module):
-        return {k: v.astype(np.float64) for k, v in canonical(module).items()
-                if k.endswith(("running_mean", "running_var"))}
+        return {k: v.astype(np.float64) for k, v in ACCESS.running_stats(module).items()}
 
     def gradients(self, module, x, cotangent):
         module.eval()
@@ -118,8 +119,10 @@ class FlaxAdapter(Adapter):
         cot = jnp.asarray(_to_last(np.asarray(cotangent)), dtype=xin.dtype)
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         gparams, gx = _grads(graphdef, params, rest, xin, cot)
-        gw = canonical(module, gparams, trainable_only=True)
-        return _to_first(gx), {k: v.astype(np.float64) for k, v in gw.items()}
+        # the block with its parameters replaced by their gradients: exported in canonical layouts
+        gw = ACCESS.export_weights(nnx.merge(graphdef, gparams, rest))
+        kinds = tensors(module.spec.schema())
+        return _to_first(gx), {k: v.astype(np.float64) for k, v in gw.items() if kinds[k].kind not in STATISTICS}
 
 
 class FlaxNaiveAdapter(FlaxAdapter):

@@ -1,66 +1,148 @@
-"""Explicit visual center (CFPNet): stem, LVC codebook branch and LightMLP branch, fused by a 1×1 conv."""
+"""Explicit visual center (CFPNet): stem, LVC codebook branch and LightMLP branch, fused by a 1×1 conv.
+
+Submodules carry the published EVCBlock's names, so ``nnx.state`` paths are the canonical ones.
+"""
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ..specs import ExplicitVisualCenterConfig
-from ._base import Block, max_pool
+from ._base import Block, Sequential, max_pool
 
 
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)   # exact (erf) GELU, as torch.nn.GELU(); Flax's default is tanh
+class _Encoding(nnx.Module):
+    """Encoding layer: soft-assigns each position to K codewords d_k (K, C) by
+    softmax_k(s_k‖x − d_k‖²) and returns the assigned residuals summed over positions."""
+
+    def __init__(self, make, L, p):
+        self.codewords = make(L[f"{p}.codewords"])
+        self.scale = make(L[f"{p}.scale"])
+
+    def __call__(self, x):
+        """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)); the codes K are the
+        channels of the encoding (its BatchNorm normalises them), so they come last."""
+        pos = x.reshape(x.shape[0], -1, x.shape[-1])                          # (B, N, C)
+        d = self.codewords[...]
+        # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
+        dist = (pos * pos).sum(-1, keepdims=True) - 2 * pos @ d.T + (d * d).sum(-1)
+        assign = jax.nn.softmax(self.scale[...] * dist, -1)                   # (B, N, K)
+        # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k
+        encoded = jnp.swapaxes(assign, 1, 2) @ pos - assign.sum(1)[..., None] * d
+        return jnp.swapaxes(encoded, 1, 2), assign
+
+
+class _Mean(nnx.Module):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def __call__(self, x):
+        return x.mean(self.axis)
+
+
+class _ConvBlock(nnx.Module):
+    """Bottleneck 1×1 -> 3×3 -> 1×1 (each conv + BN) with a projected residual, then ReLU."""
+
+    def __init__(self, make, L, p):
+        self.conv1, self.bn1 = make(L[f"{p}.conv1"]), make(L[f"{p}.bn1"])
+        self.conv2, self.bn2 = make(L[f"{p}.conv2"]), make(L[f"{p}.bn2"])
+        self.conv3, self.bn3 = make(L[f"{p}.conv3"]), make(L[f"{p}.bn3"])
+        self.residual_conv, self.residual_bn = make(L[f"{p}.residual_conv"]), make(L[f"{p}.residual_bn"])
+
+    def __call__(self, x):
+        t = jax.nn.relu(self.bn1(self.conv1(x)))
+        t = jax.nn.relu(self.bn2(self.conv2(t)))
+        return jax.nn.relu(self.bn3(self.conv3(t)) + self.residual_bn(self.residual_conv(x)))
+
+
+class _LVC(nnx.Module):
+    """Learnable visual center: ConvBlock, encoding (conv, BN, ReLU, Encoding, BN1d, ReLU, mean),
+    and a sigmoid channel gate: y = ReLU(t + t·gate)."""
+
+    def __init__(self, make, L, p):
+        self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
+        self.LVC = Sequential(make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]), jax.nn.relu,
+                              _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]), jax.nn.relu, _Mean(-1))
+        self.fc = Sequential(make(L[f"{p}.fc.0"]), jax.nn.sigmoid)
+
+    def __call__(self, x):
+        local = self.conv_1(x)
+        encoder = self.LVC
+        encoded, assign = encoder[3](encoder[2](encoder[1](encoder[0](local))))
+        encoded = encoder[6](encoder[5](encoder[4](encoded)))         # BN over K, ReLU, mean over K
+        gate = self.fc(encoded)[:, None, None, :]
+        return jax.nn.relu(local + local * gate), assign
+
+
+class _BaseConv(nnx.Module):
+    """conv + BN + SiLU."""
+
+    def __init__(self, make, L, p):
+        self.conv = make(L[f"{p}.conv"])
+        self.bn = make(L[f"{p}.bn"])
+
+    def __call__(self, x):
+        return jax.nn.silu(self.bn(self.conv(x)))
+
+
+class _DWConv(nnx.Module):
+    def __init__(self, make, L, p):
+        self.dconv = _BaseConv(make, L, f"{p}.dconv")
+        self.pconv = _BaseConv(make, L, f"{p}.pconv")
+
+    def __call__(self, x):
+        return self.pconv(self.dconv(x))
+
+
+class _Mlp(nnx.Module):
+    """1×1 conv, exact GELU, 1×1 conv."""
+
+    def __init__(self, make, L, p):
+        self.fc1 = make(L[f"{p}.fc1"])
+        self.fc2 = make(L[f"{p}.fc2"])
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))   # exact (erf), as torch's GELU
+
+
+class _LightMLP(nnx.Module):
+    """x + s₁·DW(GN(x)), then + s₂·MLP(GN(·)), with per-channel layer scales s₁, s₂."""
+
+    def __init__(self, make, L, p):
+        self.dw = _DWConv(make, L, f"{p}.dw")
+        self.norm1 = make(L[f"{p}.norm1"])
+        self.norm2 = make(L[f"{p}.norm2"])
+        self.mlp = _Mlp(make, L, f"{p}.mlp")
+        self.layer_scale_1 = make(L[f"{p}.layer_scale_1"])
+        self.layer_scale_2 = make(L[f"{p}.layer_scale_2"])
+
+    def __call__(self, x):
+        x = x + self.layer_scale_1[...] * self.dw(self.norm1(x))
+        return x + self.layer_scale_2[...] * self.mlp(self.norm2(x))
 
 
 class ExplicitVisualCenter(Block):
-    """EVC on (B, H, W, C) -> (B, H, W, C).
+    """CFPNet EVC on x (B, H, W, C) -> (B, H, W, C).
 
-    Keywords: in_channels (>= 4), num_codes=64, mlp_ratio=4, bn_eps=1e-5, conv_block_bn_eps=1e-6,
-    gn_eps=1e-5, bn_momentum=0.1, layer_scale_init=1e-5. Sub-modules follow the published EVCBlock
-    (``conv1``, ``bn1``, ``lvc.conv_1.*``, ``lvc.LVC[0|1|3|4]``, ``lvc.fc[0]``, ``l_MLP.*``, ``cnv1``).
-    ``return_attention=True`` also returns the LVC's soft assignment of positions to codewords
-    (B, N, K), positions flattened row-major.
+    Stem 7×7 conv + BN + ReLU + 3×3 max-pool (stride 1); ``lvc`` (codebook of ``num_codes``
+    codewords) and ``l_MLP`` (LightMLP) branches on the stem; ``cnv1`` fuses their concatenation.
+    With ``return_attention=True`` also returns the soft assignment of positions to codewords (B, N, K).
     """
     config_class = ExplicitVisualCenterConfig
 
-    def overrides(self):
-        k, c = self.spec.num_codes, self.spec.in_channels
-        bound = 1.0 / math.sqrt(k * c)   # the published Encoding init
-        return {
-            "lvc.LVC.3.codewords": lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
-            "lvc.LVC.3.scale": lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -1.0, 0.0),
-        }
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.conv1 = make(L["conv1"])
+        self.bn1 = make(L["bn1"])
+        self.lvc = _LVC(make, L, "lvc")
+        self.l_MLP = _LightMLP(make, L, "l_MLP")
+        self.cnv1 = make(L["cnv1"])
 
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
         stem = max_pool(jax.nn.relu(self.bn1(self.conv1(x))), (3, 3), (1, 1), padding=1)
-
-        # LVC: bottleneck ConvBlock with a projected residual
-        cb = self.lvc.conv_1
-        t = jax.nn.relu(cb.bn1(cb.conv1(stem)))
-        t = jax.nn.relu(cb.bn2(cb.conv2(t)))
-        local = jax.nn.relu(cb.bn3(cb.conv3(t)) + cb.residual_bn(cb.residual_conv(stem)))
-        # encoding layer: soft-assign every position to K codewords d_k by s_k‖x − d_k‖²
-        enc = self.lvc.LVC
-        feat = jax.nn.relu(enc[1](enc[0](local)))
-        b, c = feat.shape[0], feat.shape[-1]
-        pos = feat.reshape(b, -1, c)                                              # (B, N, C)
-        resid = pos[:, :, None, :] - enc[3].codewords[...][None, None]            # (B, N, K, C)
-        assign = jax.nn.softmax(enc[3].scale[...] * (resid ** 2).sum(-1), -1)     # (B, N, K)
-        encoded = jnp.einsum("bnk,bnkc->bck", assign, resid)                      # (B, C, K): BN1d over K
-        encoded = jax.nn.relu(enc[4](encoded)).mean(-1)                           # (B, C)
-        channel_gate = jax.nn.sigmoid(self.lvc.fc[0](encoded))[:, None, None, :]
-        lvc = jax.nn.relu(local + local * channel_gate)
-
-        # LightMLP: depthwise/pointwise 1×1 (BN + SiLU) and a 1×1-conv MLP, each with a layer scale
-        mm = self.l_MLP
-        dw = jax.nn.silu(mm.dw.dconv.bn(mm.dw.dconv.conv(mm.norm1(stem))))
-        dw = jax.nn.silu(mm.dw.pconv.bn(mm.dw.pconv.conv(dw)))
-        mlp = stem + mm.layer_scale_1[...] * dw
-        mlp = mlp + mm.layer_scale_2[...] * mm.mlp.fc2(_gelu(mm.mlp.fc1(mm.norm2(mlp))))
-
-        out = self.cnv1(jnp.concatenate([lvc, mlp], -1))
+        lvc, assign = self.lvc(stem)
+        out = self.cnv1(jnp.concatenate([lvc, self.l_MLP(stem)], -1))
         return (out, assign) if return_attention else out

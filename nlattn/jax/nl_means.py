@@ -16,24 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..numpy_ref.nl_means import _EXP_A, _EXP_BC, DISTANCE_CUTOFF, patch_kernel
-from ..specs import NonLocalMeansConfig
+from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
 from ._base import Block
 
 
 def fast_exp(y: jax.Array) -> jax.Array:
     """scikit-image's approximate exp for y <= 0 without float64, differentiable.
 
-    Its float64 has the high word ``hi = trunc(EXP_A·y) + EXP_BC`` and a zero low word, i.e. the
-    value 2**(hi >> 20 − 1023) · (1 + (hi & 0xFFFFF) / 2**20); 0 where ``hi`` would be negative.
+    Its float64 has the high word ``hi = trunc(FAST_EXP_A·y) + FAST_EXP_BC`` and a zero low word,
+    i.e. the value 2**(hi >> 20 − 1023) · (1 + (hi & 0xFFFFF) / 2**20); 0 where ``hi`` would be
+    negative.
 
     The value is that staircase exactly; its derivative is the slope of the continuous envelope
     it samples (``nlattn.numpy_ref.nl_means.fast_exp_envelope``), 2**(E − 1023) / ln 2 in the
     binade of exponent E (0 where the value is 0), through a straight-through term
     ``slope · (y − stop_gradient(y))`` that is exactly 0 in value.
     """
-    t = jnp.trunc(_EXP_A * jnp.maximum(y, -1000.0))          # |t| < 2**31: fits an int32
-    hi = t.astype(jnp.int32) + _EXP_BC
+    t = jnp.trunc(FAST_EXP_A * jnp.maximum(y, -1000.0))          # |t| < 2**31: fits an int32
+    hi = t.astype(jnp.int32) + FAST_EXP_BC
     exponent = (hi >> 20) - 1023
     valid = hi >= 0
     mantissa = 1.0 + (hi & 0xFFFFF).astype(y.dtype) / (1 << 20)
@@ -46,7 +46,8 @@ class NonLocalMeans(Block):
     """Non-local means of (B, H, W, C) images -> (B, H, W, C); no weights, no attention map.
 
     Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0. The C channels of one image
-    share their patch weights (scikit-image's ``channel_axis``).
+    share their patch weights (scikit-image's ``channel_axis``). ``implementation`` is accepted and
+    has no effect (there is one path).
     """
     config_class = NonLocalMeansConfig
 
@@ -56,7 +57,7 @@ class NonLocalMeans(Block):
         cfg = self.spec
         b, height, width, c = x.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        w = np.asarray(patch_kernel(s, c, cfg.h), dtype=x.dtype)               # (s, s) constants
+        w = np.asarray(cfg.patch_kernel(c), dtype=x.dtype)               # (s, s) constants
         noise = c * 2.0 * cfg.sigma * cfg.sigma
 
         padded = jnp.pad(x, ((0, 0), (o, o), (o, o), (0, 0)), mode="reflect")  # every pixel a patch
@@ -75,7 +76,7 @@ class NonLocalMeans(Block):
             partial = rows[0]
             cut = jnp.zeros(partial.shape, bool)
             for row in rows[1:]:   # tested before each of rows 1 … s−1 is added
-                cut = cut | (partial > DISTANCE_CUTOFF)
+                cut = cut | (partial > NL_MEANS_DISTANCE_CUTOFF)
                 partial = partial + row
             inside = ((rows_idx + di >= 0) & (rows_idx + di < height)
                       & (cols_idx + dj >= 0) & (cols_idx + dj < width))

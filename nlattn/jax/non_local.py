@@ -1,4 +1,10 @@
-"""Non-local block (Wang et al. 2018), AlexHex7 defaults, in all four modes; 1D, 2D and 3D."""
+"""Non-local block (Wang et al. 2018) in its four modes, 1D/2D/3D, as Flax NNX modules.
+
+With ``implementation="auto"`` (the default) and without ``return_attention`` the (B, N, M)
+relation is never materialised: ``aggregate`` runs the kernels of ``kernels.py`` (softmax modes
+``query_chunk_size`` queries at a time, ``dot_product`` re-associated, ``concatenation`` by
+sorting); ``implementation="naive"`` always forms it in ``relation`` (the readable reference path).
+"""
 
 from __future__ import annotations
 
@@ -6,129 +12,120 @@ import jax
 import jax.numpy as jnp
 
 from ..specs import NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig
-from ._base import Block, check_chunk_size, chunked_softmax_attention, max_pool, zeros_init
-
-
-def concatenation_attention(a: jax.Array, b: jax.Array, g: jax.Array, m: int) -> jax.Array:
-    """yᵢ = (1/M) Σⱼ ReLU(aᵢ + bⱼ) gⱼ without the (N, M) matrix, by sorting the key terms.
-
-    a (B, N) query terms, b (B, M) key terms, g (B, M, cv) -> (B, N, cv). The keys with
-    bⱼ > −aᵢ (exactly those with aᵢ + bⱼ > 0) are a prefix of b sorted in descending order, so
-    yᵢ = (aᵢ·Sg[kᵢ] + Sbg[kᵢ]) / M with Sg, Sbg the prefix sums of g and b·g in that order and
-    kᵢ the count found by binary search: O((N + M) log M) time, O((N + M)·cv) memory.
-    """
-    order = jnp.argsort(-b, axis=-1)                                     # descending key terms
-    b_sorted = jnp.take_along_axis(b, order, -1)
-    g_sorted = jnp.take_along_axis(g, order[..., None], 1)
-    zero = jnp.zeros_like(g_sorted[:, :1])
-    s_g = jnp.concatenate([zero, jnp.cumsum(g_sorted, 1)], 1)             # (B, M + 1, cv)
-    s_bg = jnp.concatenate([zero, jnp.cumsum(b_sorted[..., None] * g_sorted, 1)], 1)
-    # #{j: bⱼ > −aᵢ} = M − #{j: bⱼ ≤ −aᵢ}, searched in the ascending order
-    below = jax.vmap(lambda s, t: jnp.searchsorted(s, t, side="right"))(b_sorted[:, ::-1], -a)
-    count = (m - below)[..., None]                                        # (B, N, 1)
-    return (a[..., None] * jnp.take_along_axis(s_g, count, 1) + jnp.take_along_axis(s_bg, count, 1)) / m
+from . import kernels
+from ._base import Block, max_pool
 
 
 class _NonLocal(Block):
-    """Non-local block on channels-last x (B, *S, C) -> (B, *S, C): x + BN(W(A g)).
+    """Non-local block: out = x + BN(W(y)), y = A g with A the (B, N, M) relation of θ and φ.
 
-    Keywords: in_channels, inter_channels=None (C // 2), mode="embedded_gaussian" | "gaussian" |
-    "dot_product" | "concatenation", sub_sample=True (2×2 max pool of φ and g; (1, 2, 2) in 3D),
-    bn_layer=True, pool_first=False (pool x before the φ/g convs, as the Caffe2 code), scale=None
-    (energy scaling), num_heads=1, share_query_key=False, value_channels=None, bn_eps=1e-5,
-    bn_momentum=0.1 (PyTorch convention; Flax's BatchNorm gets 0.9); implementation="auto" |
-    "naive"; query_chunk_size=1024.
-
-    Fast paths (``implementation="auto"`` without ``return_attention``), none of which forms the
-    (N, M) relation matrix: softmax modes attend ``query_chunk_size`` queries at a time
-    (memory O(chunk · M)); dot_product re-associates θ (φᵀ g) / M; concatenation sorts the key
-    terms of ReLU(w_θ·θᵢ + w_φ·φⱼ) (see ``concatenation_attention``).
-
-    ``return_attention=True`` also returns A: (B, N, M), or (B, heads, N, M) with num_heads > 1;
-    N query positions and M key positions (after sub-sampling), flattened row-major.
-    The block starts as the identity (BN γ = β = 0, or W = 0 without BN).
+    Input (B, *S, C) channels-last; output the same shape. With ``return_attention=True`` also
+    returns A, (B, N, M), or (B, heads, N, M) when ``num_heads > 1`` (positions flattened row-major).
+    Starts as the identity: BN γ = β = 0 (W = 0 without BN), as AlexHex7 initialises it.
     """
-    has_fast_path = True
 
-    def __init__(self, *args, query_chunk_size: int = 1024, **kwargs):
-        self.query_chunk_size = check_chunk_size(self.config_class.block, query_chunk_size)
-        super().__init__(*args, **kwargs)
-
-    def overrides(self):
-        if self.spec.bn_layer:
-            return {"bn": {"scale_init": zeros_init, "bias_init": zeros_init}}
-        return {"W": {"kernel_init": zeros_init, "bias_init": zeros_init}}
+    def build_layers(self, make):
+        cfg, L = self.spec, self.spec.layers()
+        self.g = make(L["g"])
+        if cfg.mode != "gaussian":
+            self.theta = make(L["theta"])
+            if not cfg.share_query_key:
+                self.phi = make(L["phi"])
+        if cfg.mode == "concatenation":
+            self.concat_project = make(L["concat_project"])
+        self.W = make(L["W"])
+        if cfg.bn_layer:
+            self.bn = make(L["bn"])
 
     def __call__(self, x, return_attention: bool = False):
+        """x (B, *S, C) -> (B, *S, C) [, attention (B, N, M) or (B, heads, N, M)]."""
         x = self.check_input(x)
-        cfg = self.spec
-        b, *spatial, c = x.shape
-        pool = (lambda t: max_pool(t, cfg.pool_window)) if cfg.sub_sample else (lambda t: t)
+        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
+        if self.fast(return_attention):                 # never the (N, M) relation
+            return self.residual(x, self.aggregate(theta, phi, g))
+        attn = self.relation(theta, phi)                # (B, h, N, M)
+        out = self.residual(x, attn @ g)
+        if return_attention:
+            return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
+        return out
 
-        def embed(conv):   # conv then pool (AlexHex7), or pool then conv (Caffe2)
-            return conv(pool(x)) if cfg.pool_first else pool(conv(x))
+    def residual(self, x, y):
+        """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, *S, Cv) for W."""
+        b, *spatial, _ = x.shape
+        z = self.W(jnp.swapaxes(y, 1, 2).reshape(b, *spatial, -1))
+        if self.spec.bn_layer:
+            z = self.bn(z)
+        return z + x
+
+    def pool(self, t):
+        if not self.spec.sub_sample:
+            return t
+        return max_pool(t, self.spec.pool_window)
+
+    def embed(self, x):
+        """θ (B, h, N, Ck/h), φ (B, h, M, Ck/h), g (B, h, M, Cv/h): φ and g convolved then pooled
+        (AlexHex7), or pooled then convolved (``pool_first``, Caffe2); θ is never pooled."""
+        cfg = self.spec
+        x_pooled = self.pool(x) if cfg.pool_first or cfg.mode == "gaussian" else None
+
+        def pooled(conv):
+            return conv(x_pooled) if cfg.pool_first else self.pool(conv(x))
 
         if cfg.mode == "gaussian":
-            theta, phi = x, pool(x)
-        else:
+            theta, phi = x, x_pooled
+        elif cfg.share_query_key:
             theta = self.theta(x)
-            phi = embed(self.theta if cfg.share_query_key else self.phi)
-        g = embed(self.g)
-
-        h = cfg.num_heads
-        theta = theta.reshape(b, -1, h, theta.shape[-1] // h)     # (B, N, h, Ck/h)
-        phi = phi.reshape(b, -1, h, theta.shape[-1])              # (B, M, h, Ck/h)
-        g = g.reshape(b, -1, h, g.shape[-1] // h)                 # (B, M, h, Cv/h)
-        m = phi.shape[1]
-        naive = return_attention or self.implementation == "naive"
-
-        attn = None
-        if cfg.mode == "concatenation":
-            # ReLU(w·[θᵢ; φⱼ]) = ReLU(w_θ·θᵢ + w_φ·φⱼ): a per-query plus a per-key term (h = 1)
-            w = self.concat_project.kernel[...].reshape(-1)
-            n, ci = theta.shape[1], theta.shape[-1]
-            if naive:              # the published formulation, pair by pair: [θᵢ; φⱼ] (B, N, M, 2Ci)
-                pairs = jnp.concatenate([jnp.broadcast_to(theta[:, :, None, 0], (b, n, m, ci)),
-                                         jnp.broadcast_to(phi[:, None, :, 0], (b, n, m, ci))], -1)
-                attn = jax.nn.relu(jnp.einsum("bnmc,c->bnm", pairs, w))[:, None] / m
-            else:
-                q = jnp.einsum("bnhc,c->bhn", theta, w[:ci])
-                k = jnp.einsum("bmhc,c->bhm", phi, w[ci:])
-                y = concatenation_attention(q[:, 0], k[:, 0], g[:, :, 0], m)[:, :, None]
-        elif cfg.mode == "dot_product":
-            if naive:
-                f = jnp.einsum("bnhc,bmhc->bhnm", theta, phi)
-                attn = (f * cfg.scale if cfg.scale is not None else f) / m
-            else:                  # θ (φᵀ g) / M: (Ck/h × Cv/h) per head instead of N × M
-                y = jnp.einsum("bnhc,bhcd->bnhd", theta, jnp.einsum("bmhc,bmhd->bhcd", phi, g))
-                y = (y * cfg.scale if cfg.scale is not None else y) / m
-        elif naive:                # embedded_gaussian, gaussian
-            f = jnp.einsum("bnhc,bmhc->bhnm", theta, phi)
-            attn = jax.nn.softmax(f * cfg.scale if cfg.scale is not None else f, -1)
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
         else:
-            y = chunked_softmax_attention(theta, phi, g, self.query_chunk_size, cfg.scale)
+            theta, phi = self.theta(x), pooled(self.phi)
+        return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
 
-        if attn is not None:
-            y = jnp.einsum("bhnm,bmhc->bnhc", attn, g)
-        z = self.W(y.reshape(b, *spatial, -1))
-        if cfg.bn_layer:
-            z = self.bn(z)
-        out = z + x
-        if return_attention:
-            return out, (attn[:, 0] if h == 1 else attn)
-        return out
+    def split_heads(self, t):
+        """(B, *S, C) -> (B, h, positions, C / h)."""
+        h = self.spec.num_heads
+        return jnp.swapaxes(t.reshape(t.shape[0], -1, h, t.shape[-1] // h), 1, 2)
+
+    def relation(self, theta, phi):
+        """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""
+        cfg, m = self.spec, phi.shape[-2]
+        if cfg.mode == "concatenation":
+            # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
+            (b, h, n, c) = theta.shape
+            pairs = jnp.concatenate([jnp.broadcast_to(theta[..., :, None, :], (b, h, n, m, c)),
+                                     jnp.broadcast_to(phi[..., None, :, :], (b, h, n, m, c))], -1)
+            return jax.nn.relu(pairs @ self.concat_project.kernel[...].reshape(2 * c)) / m
+        f = theta @ jnp.swapaxes(phi, -1, -2)
+        if cfg.scale is not None:
+            f = f * cfg.scale
+        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+
+    def aggregate(self, theta, phi, g):
+        """y = A g (B, h, N, Cv/h) without materialising A."""
+        cfg = self.spec
+        if cfg.mode == "dot_product":
+            return kernels.dot_product_attention(theta, phi, g, cfg.scale)
+        if cfg.mode == "concatenation":
+            return kernels.concatenation_attention(*self.concat_terms(theta, phi), g)
+        return kernels.softmax_attention(theta, phi, g, cfg.scale, self.query_chunk_size)
+
+    def concat_terms(self, theta, phi):
+        """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + bⱼ): per-query a (B, h, N) and per-key b (B, h, M)."""
+        w = self.concat_project.kernel[...].reshape(-1)
+        c = theta.shape[-1]
+        return theta @ w[:c], phi @ w[c:]
 
 
 class NonLocalBlock1D(_NonLocal):
-    __doc__ = "Non-local block on (B, L, C).\n\n" + _NonLocal.__doc__
+    __doc__ = str(_NonLocal.__doc__).replace("(B, *S, C)", "(B, L, C)", 1)
     config_class = NonLocalBlock1DConfig
 
 
 class NonLocalBlock2D(_NonLocal):
-    __doc__ = "Non-local block on (B, H, W, C).\n\n" + _NonLocal.__doc__
+    __doc__ = str(_NonLocal.__doc__).replace("(B, *S, C)", "(B, H, W, C)", 1)
     config_class = NonLocalBlock2DConfig
 
 
 class NonLocalBlock3D(_NonLocal):
-    __doc__ = "Non-local block on (B, T, H, W, C); sub-sampling pools (1, 2, 2).\n\n" + _NonLocal.__doc__
+    __doc__ = str(_NonLocal.__doc__).replace("(B, *S, C)", "(B, T, H, W, C)", 1) + \
+        "    Sub-sampling max-pools (1, 2, 2).\n"
     config_class = NonLocalBlock3DConfig

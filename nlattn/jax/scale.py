@@ -10,12 +10,16 @@ from ._base import Block
 
 
 class Scale(Block):
-    """y = gamma * x for an input of any rank >= 1; gamma has shape (1,), init 0 (keyword ``init``)."""
+    """y = gamma * x for any input shape; ``gamma`` has shape (1,), initialised to ``init`` (0)."""
     config_class = ScaleConfig
 
+    def build_layers(self, make):
+        self.gamma = make(self.spec.layers()["gamma"])
+
     def check_input(self, x) -> jax.Array:
+        """Any rank >= 1 (no channels-last layout to check)."""
+        check_float_dtype(self.spec.block, x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
         x = jnp.asarray(x)
-        check_float_dtype(self.spec.block, x.dtype)
         self.spec.check_input_shape(x.shape)
         return x
 

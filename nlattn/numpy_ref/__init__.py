@@ -11,13 +11,13 @@ from __future__ import annotations
 from ..specs import config_class
 from ._common import DERIVATIVE_REFERENCE, REFERENCE
 from ._ops import RunningStats
-from .attention import (channel_attention, criss_cross_attention, position_attention,
-                        self_attention)
+from .attention import channel_attention, criss_cross_attention, position_attention, self_attention
 from .evc import explicit_visual_center
 from .nl_means import non_local_means, non_local_means_envelope
 from .non_local import non_local, non_local_1d, non_local_2d, non_local_3d
 from .rga import relation_aware_attention
 from .scale import scale
+
 
 def run(block: str, x, weights, config: dict, *, training: bool = False,
         stats: RunningStats | None = None, return_attention: bool = False,

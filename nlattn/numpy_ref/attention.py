@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..specs import (ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig,
-                     SelfAttentionConfig)
+from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
 from ._common import defines, prepare
 from ._ops import conv, softmax
 

@@ -1,39 +1,56 @@
-"""The base of every nlattn Keras layer: config handling, data format, input checks, and
-schema-driven creation of the sublayers / variables (one per canonical schema layer)."""
+"""What every Keras block shares: argument binding, data format, input checks, and ``make``, which
+builds the Keras layer of one schema layer with the spec's initialisation.
+
+The same file in ``nlattn/torch`` and ``nlattn/jax`` has the same names: ``Block`` (with
+``build_layers(make)``, ``fast``, ``check_input``) and ``make``. Keras blocks create their layers in
+``build(input_shape)`` (the Keras idiom: ``in_channels`` may be read from the input there) as
+attributes at the canonical prefixes (``block.theta``, ``block.lvc.conv_1.conv1``,
+``block.W_spatial[3]``); Keras names never contain a dot, so ``lvc.LVC.3.codewords`` is the weight
+``lvc_LVC_3_codewords`` (docs/design.md §3).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any, ClassVar
 
 import keras
 from keras import ops
 
 from ..errors import ConfigError, InputError
-from ..specs import BatchNorm, Conv, Dense, GroupNorm, Param, check_float_dtype, config_class, make_config
-from .scale import Scale
+from ..specs import (
+    DEFAULT_QUERY_CHUNK_SIZE,
+    BatchNorm,
+    BlockConfig,
+    Conv,
+    Dense,
+    Gate,
+    GroupNorm,
+    Layer,
+    Param,
+    Uniform,
+    check_float_dtype,
+    config_signature,
+    layer_name,
+    parse_arguments,
+)
 
-#: keywords that go to keras.layers.Layer rather than to the block's config
-_LAYER_KWARGS = frozenset({"name", "dtype", "trainable", "autocast", "input_shape", "input_dim",
-                           "batch_size", "batch_input_shape", "activity_regularizer"})
+#: keywords that go to ``keras.layers.Layer`` rather than to the block's config
+LAYER_KEYWORDS = frozenset({"name", "dtype", "trainable", "autocast", "input_shape", "input_dim",
+                            "batch_size", "batch_input_shape", "activity_regularizer"})
 
 DATA_FORMATS = ("channels_last", "channels_first")
 
-#: values of every layer's ``implementation`` keyword: "auto" takes the block's fast path (if it
-#: has one) unless the attention map is asked for; "naive" always materialises the relation map
-IMPLEMENTATIONS = ("auto", "naive")
+#: dtypes whose attention cores (energies, softmax, sorted sums) run in float32
+REDUCED = ("bfloat16", "float16")
 
 
-def check_implementation(block: str, implementation) -> str:
-    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-        raise ConfigError(f"{block}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
-
-
-def check_chunk(block: str, size) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"{block}: query_chunk_size must be an integer >= 1, got {size!r}")
-    return size
+def work_dtype(dtype) -> str:
+    """"float32" for bfloat16/float16 tensors, the tensor's own dtype otherwise."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in REDUCED else dtype
 
 
 def standardize_data_format(block: str, data_format) -> str:
@@ -44,197 +61,240 @@ def standardize_data_format(block: str, data_format) -> str:
     return df
 
 
-def check_shape(spec, shape_cf) -> None:
+def check_shape(spec: BlockConfig, shape_cf) -> None:
     """``spec.check_input_shape`` on a channels-first shape that may hold None (unknown) sizes."""
     shape = list(shape_cf)
     if shape and shape[0] is None:
         shape[0] = 1
     if len(shape) >= 2 and shape[1] is None:
         shape[1] = spec.expected_channels() or 1
-    known = getattr(spec, "spatial_size", None)
+    fixed = spec.fixed_spatial_size
     for i in range(2, len(shape)):
         if shape[i] is None:   # unknown now: check what can be checked
-            shape[i] = known[i - 2] if known is not None and len(known) == len(shape) - 2 else 10 ** 6
+            shape[i] = fixed[i - 2] if fixed is not None and len(fixed) == len(shape) - 2 else 10 ** 6
     spec.check_input_shape(shape)
 
 
 class Block(keras.layers.Layer):
-    """Base of every nlattn block layer (not Scale).
+    """Base of every nlattn Keras layer: ``self.spec`` holds the validated config.
 
-    Subclasses set ``block`` (the class name of DESIGN §2) and implement ``forward(x, training,
-    return_attention)`` on a channels-last tensor (B, *S, C). ``self.sub`` maps every canonical
-    prefix of the schema to its Keras sublayer (``self.sub["W_spatial.3"]`` is a Conv2D);
-    free parameters live in ``self.params`` (or in a ``Scale`` sublayer, for the residual gates
-    named in ``gates``).
-
-    Every block takes ``implementation="auto" | "naive"``: blocks with a fast path (the non-local
-    blocks, SelfAttention, PositionAttention) take it under "auto" unless the attention map is asked
-    for; the others (CAM is C×C already, CCNet stores only B·N·(H+W) energies, RGA, EVC, non-local
-    means) have one path and accept the keyword for uniformity.
+    Positional and keyword arguments are the config's fields (docs/design.md §2); ``in_channels``
+    may be left out and is then read from the input in ``build`` (``spec`` is None until then).
+    ``implementation`` is "auto" (a fast path where the block has one; the materialising one for
+    ``return_attention``) or "naive" (always the readable materialising path), kept as given;
+    blocks whose fast path is softmax attention (``spec.query_chunked``) also take
+    ``query_chunk_size`` (queries per step). ``data_format`` is None (``keras.config.
+    image_data_format()``), "channels_last" or "channels_first"; the other keywords are Keras's
+    (``name``, ``dtype``, ...). Subclasses set ``config_class``, create their layers in
+    ``build_layers(make)`` and compute in ``call_channels_last(x, training, return_attention)``.
     """
 
-    block: str = ""
-    #: Param names realised as a Scale sublayer (the SAGAN / DANet / CCNet residual gate)
-    gates: tuple[str, ...] = ()
-    #: softmax blocks whose fast path is query-chunked attention take ``query_chunk_size``
-    chunked: bool = False
+    config_class: ClassVar[type[BlockConfig]]
 
-    def __init__(self, *args, data_format=None, implementation="auto", **kwargs):
-        cls = config_class(self.block)
-        self.implementation = check_implementation(self.block, implementation)
-        if self.chunked:
-            self.query_chunk_size = check_chunk(self.block, kwargs.pop("query_chunk_size", 1024))
-        fields = [f.name for f in dataclasses.fields(cls)]
-        if len(args) > len(fields):
-            raise TypeError(f"{self.block} takes at most {len(fields)} positional arguments")
-        config = dict(zip(fields, args))
-        for key in [k for k in kwargs if k in fields]:
-            if key in config:
-                raise TypeError(f"{self.block} got multiple values for argument {key!r}")
-            config[key] = kwargs.pop(key)
-        unknown = sorted(k for k in kwargs if k not in _LAYER_KWARGS)
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "config_class" in cls.__dict__:    # a user-facing block: show the config's keywords
+            chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
+            cls.__signature__ = config_signature(cls.config_class, *chunk, ("data_format", None),
+                                                 ("name", None), ("dtype", None))
+
+    def __init__(self, *args, data_format=None, **kwargs):
+        cls = self.config_class
+        arguments = parse_arguments(cls, args, kwargs, chunked=True)
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(arguments.rest) - LAYER_KEYWORDS)
         if unknown:
-            raise ConfigError(f"{self.block}: unknown option(s) {unknown}; known: {sorted(fields)}")
-        super().__init__(**kwargs)
-        self.data_format = standardize_data_format(self.block, data_format)
-        self._config = config
-        self.sub = {}
-        self.params = {}
-        field = cls.__dataclass_fields__.get("in_channels")
-        required = field is not None and field.default is dataclasses.MISSING
-        missing = [f.name for f in dataclasses.fields(cls) if f.name != "in_channels" and f.name not in config
+            raise ConfigError(f"{cls.block}: unknown option(s) {unknown}; known: {[f.name for f in fields]}")
+        missing = [f.name for f in fields if f.name != "in_channels" and f.name not in arguments.config
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            raise ConfigError(f"{self.block}: missing required option(s) {missing}")
+            raise ConfigError(f"{cls.block}: missing required option(s) {missing}")
+        super().__init__(**arguments.rest)
+        self.implementation = arguments.implementation
+        if arguments.query_chunk_size is not None:
+            self.query_chunk_size = arguments.query_chunk_size
+        self.data_format = standardize_data_format(cls.block, data_format)
+        self._config = arguments.config
         # the spec is built now when it can be, else in build() from the input's channel count
-        self.spec = None
-        if not required or config.get("in_channels") is not None:
-            self.spec = make_config(self.block, **config)
+        field = cls.__dataclass_fields__.get("in_channels")
+        deferred = (field is not None and field.default is dataclasses.MISSING
+                    and arguments.config.get("in_channels") is None)
+        self.spec: Any = None if deferred else cls.from_dict(arguments.config)
 
-    # -- layout -----------------------------------------------------------------------------
+    def build_layers(self, make) -> None:
+        """Create the block's layers as attributes named after the schema (``self.theta = ...``)."""
+
+    def fast(self, return_attention: bool = False) -> bool:
+        """Whether this call takes the fast path: "auto", and no attention map asked for."""
+        return self.implementation == "auto" and not return_attention
+
+    def check_input(self, x) -> None:
+        """InputError unless x is floating and of the expected shape (in this layer's data format)."""
+        check_float_dtype(self.spec.block, keras.backend.standardize_dtype(x.dtype))
+        check_shape(self.spec, self.channels_first_shape(x.shape))
+
+    # -- layout -------------------------------------------------------------------------------
     @property
-    def _channels_last(self) -> bool:
+    def channels_last(self) -> bool:
         return self.data_format == "channels_last"
 
-    def _cf_shape(self, shape) -> tuple:
+    def channels_first_shape(self, shape) -> tuple:
+        """An input shape of this layer's data format in channels-first order."""
         shape = tuple(None if s is None else int(s) for s in shape)
-        if self._channels_last and len(shape) >= 2:
+        if self.channels_last and len(shape) >= 2:
             return (shape[0], shape[-1], *shape[1:-1])
         return shape
-
-    def _layer_shape(self, shape_cf) -> tuple:
-        shape_cf = tuple(shape_cf)
-        return (shape_cf[0], *shape_cf[2:], shape_cf[1]) if self._channels_last else shape_cf
 
     def default_input_shape(self) -> tuple:
         """The input shape (in this layer's data format) that ``build`` uses when none is given."""
         if self.spec is None:
-            raise ValueError(f"{self.block}: in_channels is unknown; pass it or build the layer first")
-        spatial = getattr(self.spec, "spatial_size", None) or (None,) * self.spec.spatial_dims
-        return self._layer_shape((None, self.spec.expected_channels(), *spatial))
+            raise ValueError(f"{self.config_class.block}: in_channels is unknown; "
+                             "pass it or build the layer first")
+        spatial = self.spec.fixed_spatial_size or (None,) * self.spec.spatial_dims
+        c = self.spec.expected_channels()
+        return (None, *spatial, c) if self.channels_last else (None, c, *spatial)
 
     # -- Keras API ----------------------------------------------------------------------------
     def build(self, input_shape):
-        cf = self._cf_shape(input_shape)
+        shape = self.channels_first_shape(input_shape)
         if self.spec is None:    # in_channels from the input
-            rank = 2 + config_class(self.block).spatial_dims
-            if len(cf) != rank:
-                raise InputError(f"{self.block}: expected a rank-{rank} input, got shape {tuple(input_shape)}")
-            if cf[1] is None:
-                raise InputError(f"{self.block}: the channel dimension of the input must be known to "
+            cls = self.config_class
+            rank = 2 + cls.spatial_dims
+            if len(shape) != rank:
+                raise InputError(f"{cls.block}: expected a rank-{rank} input, got shape {tuple(input_shape)}")
+            if shape[1] is None:
+                raise InputError(f"{cls.block}: the channel dimension of the input must be known to "
                                  f"build the layer, got shape {tuple(input_shape)}")
-            self.spec = make_config(self.block, **{**self._config, "in_channels": cf[1]})
-        check_shape(self.spec, cf)
-        for layer in self.spec.schema():
-            self._create(layer)
+            self.spec = cls.from_dict({**self._config, "in_channels": shape[1]})
+        check_shape(self.spec, shape)
+        self.build_layers(functools.partial(make, dtype=self.dtype_policy))
 
     def call(self, x, training=None, return_attention=False):
-        check_float_dtype(self.block, keras.backend.standardize_dtype(x.dtype))
-        check_shape(self.spec, self._cf_shape(x.shape))
+        """x (B, *S, C) or (B, C, *S) -> the same shape [, the attention map]: the checks and the
+        data format here, the block's computation in ``call_channels_last``."""
+        self.check_input(x)
         if return_attention and self.spec.attention is None:
-            raise ValueError(f"{self.block} has no attention map to return")
-        if not self._channels_last:
+            raise ValueError(f"{self.spec.block} has no attention map to return")
+        move = not self.channels_last and len(x.shape) > 2
+        if move:
             x = ops.moveaxis(x, 1, -1)
-        result = self.forward(x, bool(training), bool(return_attention))
+        result = self.call_channels_last(x, bool(training), bool(return_attention))
         out, attention = result if return_attention else (result, None)
-        if not self._channels_last:
+        if move:
             out = ops.moveaxis(out, -1, 1)
         return (out, attention) if return_attention else out
 
-    def forward(self, x, training: bool, return_attention: bool):  # pragma: no cover - abstract
+    def call_channels_last(self, x, training: bool, return_attention: bool):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def get_config(self):
         config = self.spec.to_dict() if self.spec is not None else dict(self._config)
-        extra = {"query_chunk_size": self.query_chunk_size} if self.chunked else {}
+        chunk = {"query_chunk_size": self.query_chunk_size} if self.config_class.query_chunked else {}
         return {**super().get_config(), **config, "data_format": self.data_format,
-                "implementation": self.implementation, **extra}
-
-    def fast(self, return_attention: bool) -> bool:
-        """Whether this call takes the fast path (never when the attention map is asked for)."""
-        return self.implementation == "auto" and not return_attention
-
-    # -- schema-driven variables ------------------------------------------------------------------
-    #: rank of the tensors the block's norms see (channels-last, batch included)
-    norm_rank = 4
-
-    def initializers(self, layer) -> dict:
-        """Keras initializer keywords for a schema layer (the framework's usual ones by default)."""
-        return {}
-
-    def _create(self, layer):
-        kw = {"dtype": self.dtype_policy, **self.initializers(layer)}
-        if isinstance(layer, Param):
-            if layer.name in self.gates:
-                sub = Scale(init=0.0 if layer.init is None else layer.init, name=layer.name, dtype=self.dtype_policy)
-                sub.build(layer.shape)
-                self.sub[layer.name] = sub
-            else:
-                init = kw.get("initializer") or (keras.initializers.Constant(layer.init)
-                                                 if layer.init is not None else "glorot_uniform")
-                self.params[layer.name] = self.add_weight(name=layer.name, shape=layer.shape, initializer=init)
-            return
-        if isinstance(layer, Conv):
-            nd = len(layer.kernel_size)
-            if layer.padding is not None and any(2 * p + 1 != k for p, k in zip(layer.padding, layer.kernel_size)):
-                raise NotImplementedError(f"{layer.prefix}: only 'same' or no padding is supported")
-            common = dict(kernel_size=layer.kernel_size, use_bias=layer.bias, data_format="channels_last",
-                          padding="valid" if layer.padding is None else "same", name=layer.prefix)
-            if layer.groups == 1:
-                sub = getattr(keras.layers, f"Conv{nd}D")(layer.out_channels, **common, **kw)
-            elif layer.groups == layer.in_channels == layer.out_channels:
-                kw = {k.replace("kernel_", "depthwise_"): v for k, v in kw.items()}
-                sub = getattr(keras.layers, f"DepthwiseConv{nd}D")(depth_multiplier=1, **common, **kw)
-            else:
-                raise NotImplementedError(f"{layer.prefix}: grouped convs other than depthwise")
-            sub.build((None,) * (nd + 1) + (layer.in_channels,))
-        elif isinstance(layer, BatchNorm):
-            sub = keras.layers.BatchNormalization(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum,
-                                                  name=layer.prefix, **kw)
-            sub.build((None,) * (self.norm_rank - 1) + (layer.num_features,))
-        elif isinstance(layer, Dense):
-            sub = keras.layers.Dense(layer.out_features, use_bias=layer.bias, name=layer.prefix, **kw)
-            sub.build((None, layer.in_features))
-        elif isinstance(layer, GroupNorm):
-            sub = keras.layers.GroupNormalization(groups=layer.num_groups, axis=-1, epsilon=layer.eps,
-                                                  name=layer.prefix, **kw)
-            sub.build((None,) * (self.norm_rank - 1) + (layer.num_channels,))
-        else:  # pragma: no cover
-            raise TypeError(f"unknown schema layer {layer!r}")
-        self.sub[layer.prefix] = sub
-
-    # -- helpers for forward ---------------------------------------------------------------------
-    def apply(self, prefix, x, training=False):
-        """Run the sublayer of a canonical prefix (norms get ``training``)."""
-        sub = self.sub[prefix]
-        if isinstance(sub, (keras.layers.BatchNormalization,)):
-            return sub(x, training=training)
-        return sub(x)
+                "implementation": self.implementation, **chunk}
 
 
-def flat(x, n: int, c: int):
+# ---------------------------------------------------------------------------------------------
+# make: one schema layer -> its Keras layer or variable
+# ---------------------------------------------------------------------------------------------
+
+def keras_name(prefix: str) -> str:
+    """A canonical prefix as a Keras layer or weight name (no dots: Keras on torch forbids them)."""
+    return prefix.replace(".", "_")
+
+
+def dtype_of(make) -> Any:
+    """The block's dtype policy that ``make`` gives its layers, for the layers a block adds itself
+    (activations, EVC's containers)."""
+    return make.keywords["dtype"]
+
+
+class BatchNormNd(keras.layers.BatchNormalization):
+    """``BatchNormalization`` over the last axis of an input of any rank >= 2, as torch's
+    ``BatchNormNd``: the schema's BatchNorm does not say the rank, and the statistics do not
+    depend on it."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.input_spec = None
+
+    def call(self, inputs, training=None, mask=None):
+        self._reduction_axes = list(range(len(inputs.shape) - 1))
+        return super().call(inputs, training=training, mask=mask)
+
+
+class GroupNormNd(keras.layers.GroupNormalization):
+    """``GroupNormalization`` over the last axis of an input of any rank >= 2."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.input_spec = None
+
+
+def make(layer: Layer, *, dtype=None) -> keras.layers.Layer | keras.Variable:
+    """The Keras layer (built) or variable of a schema layer, initialised as the spec says (Keras's
+    init otherwise), named after its canonical prefix; conv rank follows the kernel. A ``Gate``
+    becomes a ``Scale`` layer. ``Block.build`` passes its dtype policy."""
+    name = keras_name(layer_name(layer))
+    if isinstance(layer, Gate):
+        from .scale import Scale
+        gate = Scale(init=layer.init, data_format="channels_last", name=name, dtype=dtype)
+        gate.build(layer.shape)
+        return gate
+    if isinstance(layer, Param):
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+        return keras.Variable(initializer(layer.init), shape=layer.shape, name=name,
+                              dtype=policy.variable_dtype if policy is not None else None)
+    zero = getattr(layer, "zero_init", False)
+    if isinstance(layer, Conv):
+        nd = len(layer.kernel_size)
+        if layer.padding is not None and any(2 * p + 1 != k for p, k in zip(layer.padding, layer.kernel_size)):
+            raise NotImplementedError(f"{layer.prefix}: only 'same' or no padding is supported")
+        common = dict(kernel_size=layer.kernel_size, use_bias=layer.bias, data_format="channels_last",
+                      padding="valid" if layer.padding is None else "same", name=name, dtype=dtype)
+        init = dict(kernel_initializer="zeros", bias_initializer="zeros") if zero else {}
+        if layer.groups == 1:
+            module = getattr(keras.layers, f"Conv{nd}D")(layer.out_channels, **common, **init)
+        elif layer.groups == layer.in_channels == layer.out_channels:
+            init = {k.replace("kernel_", "depthwise_"): v for k, v in init.items()}
+            module = getattr(keras.layers, f"DepthwiseConv{nd}D")(depth_multiplier=1, **common, **init)
+        else:
+            raise NotImplementedError(f"{layer.prefix}: grouped convs other than depthwise")
+        module.build((None,) * (nd + 1) + (layer.in_channels,))
+    elif isinstance(layer, BatchNorm):
+        init = dict(gamma_initializer="zeros", beta_initializer="zeros") if zero else {}
+        # Keras momentum is the weight of the old running value: torch 0.1 == Keras 0.9
+        module = BatchNormNd(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum, name=name,
+                             dtype=dtype, **init)
+        module.build((None, layer.num_features))
+    elif isinstance(layer, Dense):
+        module = keras.layers.Dense(layer.out_features, use_bias=layer.bias, name=name, dtype=dtype)
+        module.build((None, layer.in_features))
+    elif isinstance(layer, GroupNorm):
+        module = GroupNormNd(groups=layer.num_groups, axis=-1, epsilon=layer.eps, name=name, dtype=dtype)
+        module.build((None, layer.num_channels))
+    else:  # pragma: no cover
+        raise TypeError(f"unknown schema layer {layer!r}")
+    return module
+
+
+def initializer(init: float | Uniform) -> keras.initializers.Initializer:
+    """The Keras initializer of a spec's init rule: a constant or U(low, high)."""
+    if isinstance(init, Uniform):
+        return keras.initializers.RandomUniform(init.low, init.high)
+    return keras.initializers.Constant(float(init))
+
+
+def sequential(layers, x, training: bool = False):
+    """Apply a list of layers in order (``nn.Sequential``'s call; norms get ``training``)."""
+    for layer in layers:
+        x = layer(x, training=training)
+    return x
+
+
+def flat(x):
     """(B, *S, C) -> (B, N, C)."""
-    return ops.reshape(x, (-1, n, c))
+    return ops.reshape(x, (-1, num_positions(x), int(x.shape[-1])))
 
 
 def num_positions(x) -> int:

@@ -6,95 +6,97 @@ import keras
 import numpy as np
 from keras import ops
 
-from ._base import Block, flat, num_positions
-from ._fast import softmax_attention
+from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
+from . import kernels
+from ._base import Block, flat
 
 
 class _QKV(Block):
-    gates = ("gamma",)
+    """The SAGAN / PAM / CCNet layers: 1×1 ``query_conv``, ``key_conv`` (C -> C // qk_ratio),
+    ``value_conv`` (C -> C) and the residual gate ``gamma``, a ``Scale`` layer, 0 at init (the
+    identity)."""
+
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.query_conv = make(L["query_conv"])
+        self.key_conv = make(L["key_conv"])
+        self.value_conv = make(L["value_conv"])
+        self.gamma = make(L["gamma"])
 
     def qkv(self, x):
-        return self.apply("query_conv", x), self.apply("key_conv", x), self.apply("value_conv", x)
+        return self.query_conv(x), self.key_conv(x), self.value_conv(x)
 
 
 class _SAGAN(_QKV):
-    chunked = True
+    """``implementation="auto"`` runs the attention ``query_chunk_size`` queries at a time, never
+    storing the N×N map; ``"naive"`` materialises it."""
 
-    def forward(self, x, training, return_attention):
-        n, c = num_positions(x), int(x.shape[-1])
-        q, k, v = self.qkv(x)
-        q, k, v = flat(q, n, int(q.shape[-1])), flat(k, n, int(k.shape[-1])), flat(v, n, c)
-        if self.fast(return_attention):   # query-chunked: never the (N, N) map
-            out = softmax_attention(q[:, None], k[:, None], v[:, None], self.query_chunk_size)[:, 0]
+    def call_channels_last(self, x, training, return_attention):
+        """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
+        q, k, v = (flat(t)[:, None] for t in self.qkv(x))           # (B, 1, N, c)
+        if self.fast(return_attention):
+            attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
         else:
-            attn = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 2, 1))), axis=-1)   # (B, N, N)
-            out = ops.matmul(attn, v)
-        out = ops.reshape(out, ops.shape(x))
-        y = self.sub["gamma"](out) + x
+            attn = kernels.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)))[:, 0]   # (B, N, N), over keys
+            out = ops.matmul(attn[:, None], v)
+        y = self.gamma(ops.reshape(out[:, 0], ops.shape(x))) + x
         return (y, attn) if return_attention else y
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class SelfAttention(_SAGAN):
-    """SAGAN self-attention on (B, H, W, C) / (B, C, H, W): y = γ·softmax(QKᵀ)V + x, γ = 0 at init.
-
-    Keywords: in_channels (optional, inferred), qk_ratio=8 (Q, K have in_channels // qk_ratio
-    channels), data_format=None, implementation="auto" (query-chunked attention; "naive"
-    materialises the (N, N) map), query_chunk_size=1024.
-    Attention (``return_attention=True``): (B, N, N), rows are queries.
-    """
-    block = "SelfAttention"
+    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·softmax(QKᵀ)V + x on (B, H, W, C) "
+               "(channels_last) or (B, C, H, W).\n\n    " + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    config_class = SelfAttentionConfig
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class PositionAttention(_SAGAN):
-    """DANet position attention (PAM) on (B, H, W, C) / (B, C, H, W); the SAGAN computation.
-
-    Keywords: in_channels (optional), qk_ratio=8, data_format=None, implementation="auto",
-    query_chunk_size=1024 (as SelfAttention). Attention: (B, N, N).
-    """
-    block = "PositionAttention"
+    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
+               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    config_class = PositionAttentionConfig
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class ChannelAttention(Block):
-    """DANet channel attention (CAM) on (B, H, W, C) / (B, C, H, W): A = softmax(max_k E − E),
-    E = X Xᵀ (B, C, C); y = γ·A X + x, γ = 0 at init. No convs: in_channels is optional.
-    """
-    block = "ChannelAttention"
-    gates = ("gamma",)
+    """DANet channel attention module (CAM), no convs: E = X Xᵀ (B, C, C) over X = x as (B, C, N),
+    A = softmax(max_k E − E), y = γ·A X + x with the ``Scale`` gate γ = 0 at init.
 
-    def forward(self, x, training, return_attention):
-        n, c = num_positions(x), int(x.shape[-1])
-        xt = ops.transpose(flat(x, n, c), (0, 2, 1))                      # (B, C, N)
-        energy = ops.matmul(xt, ops.transpose(xt, (0, 2, 1)))             # (B, C, C)
-        attn = ops.softmax(ops.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
-        out = ops.reshape(ops.transpose(ops.matmul(attn, xt), (0, 2, 1)), ops.shape(x))
-        y = self.sub["gamma"](out) + x
+    x (B, H, W, C) -> (B, H, W, C) [, attention (B, C, C)]. ``in_channels`` is optional.
+    """
+    config_class = ChannelAttentionConfig
+
+    def build_layers(self, make):
+        self.gamma = make(self.spec.layers()["gamma"])
+
+    def call_channels_last(self, x, training, return_attention):
+        xf = ops.swapaxes(flat(x), 1, 2)                                  # (B, C, N)
+        energy = ops.matmul(xf, ops.swapaxes(xf, 1, 2))                   # (B, C, C)
+        attn = kernels.softmax(ops.max(energy, axis=-1, keepdims=True) - energy)
+        y = self.gamma(ops.reshape(ops.swapaxes(ops.matmul(attn, xf), 1, 2), ops.shape(x))) + x
         return (y, attn) if return_attention else y
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class CrissCrossAttention(_QKV):
-    """CCNet criss-cross attention on (B, H, W, C) / (B, C, H, W), ``recurrence`` passes, shared weights.
+    """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
 
-    Each pixel attends to its column (itself excluded) and its row (itself included), one softmax
-    over the H + W energies; y = γ·out + x, γ = 0 at init. Keywords: in_channels (optional),
-    qk_ratio=8, recurrence=1, data_format=None. Attention: (B, H, W, H + W) of the last pass,
-    column first.
+    Pixel (i, j) attends to its column (itself masked out) and its row (itself included) with one
+    softmax over the H + W energies; y = γ·out + x, γ = 0 at init. x (B, H, W, C) ->
+    (B, H, W, C) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
-    block = "CrissCrossAttention"
+    config_class = CrissCrossAttentionConfig
 
-    def forward(self, x, training, return_attention):
+    def call_channels_last(self, x, training, return_attention):
         h = int(x.shape[1])
-        self_in_column = ops.convert_to_tensor(np.eye(h, dtype=bool)[:, None, :])   # (h, 1, h')
+        itself = ops.convert_to_tensor(np.eye(h, dtype=bool)[:, None, :])   # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
             e_col = ops.einsum("bhwc,bgwc->bhwg", q, k)
-            e_col = ops.where(self_in_column, ops.cast(float("-inf"), e_col.dtype), e_col)
+            e_col = ops.where(itself, ops.cast(float("-inf"), e_col.dtype), e_col)
             e_row = ops.einsum("bhwc,bhvc->bhwv", q, k)
-            attn = ops.softmax(ops.concatenate([e_col, e_row], axis=-1), axis=-1)
+            attn = kernels.softmax(ops.concatenate([e_col, e_row], axis=-1))
             out = (ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v)
                    + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v))
-            x = self.sub["gamma"](out) + x
+            x = self.gamma(out) + x
         return (x, attn) if return_attention else x

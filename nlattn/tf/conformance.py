@@ -1,4 +1,4 @@
-"""Keras conformance adapters: canonical channels-first NumPy in and out (DESIGN §5).
+"""Keras conformance adapters: canonical channels-first NumPy in and out (docs/design.md §5).
 
 ``KerasAdapter`` ("keras", channels_last) and ``KerasChannelsFirstAdapter`` ("keras-cf") run the
 layers with ``implementation="auto"`` (the fast paths; query chunks of ``query_chunk_size=16`` so
@@ -13,10 +13,10 @@ import keras
 import numpy as np
 
 from ..conformance.adapter import Adapter
-from . import _weights
-
-#: blocks that take ``query_chunk_size`` (their fast path is query-chunked softmax attention)
-CHUNKED = ("NonLocalBlock1D", "NonLocalBlock2D", "NonLocalBlock3D", "SelfAttention", "PositionAttention")
+from ..specs import tensors
+from ..weights.access import STATISTICS, to_canonical
+from . import BLOCKS
+from ._weights import ACCESS, ensure_built, load_weights
 
 
 class KerasAdapter(Adapter):
@@ -43,18 +43,16 @@ class KerasAdapter(Adapter):
         return np.moveaxis(y, -1, 1) if self.data_format == "channels_last" else y
 
     def build(self, block, config, dtype):
-        from .. import tf as nltf
-        kw = {"implementation": self.implementation, "dtype": dtype}
-        if block != "Scale":
-            kw["data_format"] = self.data_format
-        if block in CHUNKED:
+        cls = BLOCKS[block]
+        kw = {"implementation": self.implementation, "dtype": dtype, "data_format": self.data_format}
+        if cls.config_class.query_chunked:
             kw["query_chunk_size"] = self.query_chunk_size
-        layer = getattr(nltf, block)(**config, **kw)
-        _weights.ensure_built(layer)
+        layer = cls(**config, **kw)
+        ensure_built(layer)
         return layer
 
     def load_weights(self, module, weights):
-        _weights.load_weights(module, weights)
+        load_weights(module, weights)
 
     def forward(self, module, x, *, training=False, return_attention=False):
         xin = keras.ops.convert_to_tensor(self._to_layer(x), dtype=module.compute_dtype)
@@ -72,7 +70,7 @@ class KerasAdapter(Adapter):
         kw = {"return_attention": True} if return_attention else {}
         if keras.backend.backend() != "jax":
             return module(xin, training=training, **kw)
-        import jax   # Keras's own backend here: already imported by keras
+        import jax  # Keras's own backend here: already imported by keras
 
         def stateless(trainable, non_trainable, x):
             return module.stateless_call(trainable, non_trainable, x, training=training, **kw)
@@ -84,25 +82,25 @@ class KerasAdapter(Adapter):
         return result
 
     def running_stats(self, module):
-        return {name: keras.ops.convert_to_numpy(var).astype(np.float64)
-                for name, (var, t) in _weights.resolve(module).items() if t.kind in ("bn_mean", "bn_var")}
+        return {k: v.astype(np.float64) for k, v in ACCESS.running_stats(module).items()}
 
     def gradients(self, module, x, cotangent):
         import tensorflow as tf
 
-        table = {name: (var, t) for name, (var, t) in _weights.resolve(module).items()
-                 if t.kind not in ("bn_mean", "bn_var")}
+        schema = tensors(module.spec.schema())
+        table = {name: var for name, var in ACCESS.variables(module).items()
+                 if schema[name].kind not in STATISTICS}
         xin = tf.constant(self._to_layer(x), dtype=module.compute_dtype)
         cot = tf.constant(self._to_layer(cotangent), dtype=module.compute_dtype)
-        variables = [var.value for var, _ in table.values()]
+        variables = [var.value for var in table.values()]
         with tf.GradientTape() as tape:
             tape.watch(xin)
             tape.watch(variables)
             loss = tf.reduce_sum(module(xin, training=False) * cot)
         gx, *gw = tape.gradient(loss, [xin, *variables],
                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        grads = {name: _weights.to_canonical(t, np.asarray(g, dtype=np.float64))
-                 for (name, (_, t)), g in zip(table.items(), gw)}
+        grads = {name: to_canonical(schema[name], np.asarray(g, dtype=np.float64), ACCESS.channels_last)
+                 for name, g in zip(table, gw)}
         return self._from_layer(np.asarray(gx, dtype=np.float64)), grads
 
 

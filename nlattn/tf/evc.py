@@ -1,64 +1,174 @@
-"""Explicit visual center (CFPNet): stem, LVC codebook branch and LightMLP branch, fused by 1×1 conv."""
+"""Explicit visual center (CFPNet): stem, LVC codebook branch and LightMLP branch, fused by a 1×1 conv.
+
+Layers carry the published EVCBlock's names (``block.lvc.conv_1.conv1``, ``block.lvc.LVC[3].codewords``),
+so the canonical weight names are their attribute paths. Each sub-module is a Keras layer named
+after its canonical prefix (dots as underscores), in the block's dtype policy.
+"""
 
 from __future__ import annotations
-
-import math
 
 import keras
 from keras import ops
 
-from ._base import Block, flat, num_positions
+from ..specs import ExplicitVisualCenterConfig
+from ._base import Block, dtype_of, flat, keras_name, sequential
+
+
+class _Part(keras.layers.Layer):
+    """An EVC sub-module: named after its canonical prefix, in the block's dtype policy; its layers
+    are made (and built) by its constructor."""
+
+    def __init__(self, make, p):
+        super().__init__(name=keras_name(p), dtype=dtype_of(make))
+
+
+class _Encoding(_Part):
+    """Encoding layer: soft-assigns each position to K codewords d_k (K, C) by
+    softmax_k(s_k‖x − d_k‖²) and returns the assigned residuals summed over positions."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.codewords = make(L[f"{p}.codewords"])
+        self.scale = make(L[f"{p}.scale"])
+
+    def call(self, x):
+        """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)); the codes are last, as the
+        channels of the BatchNorm that follows."""
+        pos = flat(x)                                                       # (B, N, C)
+        d = self.codewords
+        # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
+        dist = (ops.sum(pos * pos, axis=-1, keepdims=True) - 2 * ops.matmul(pos, ops.transpose(d))
+                + ops.sum(d * d, axis=-1))
+        assign = ops.softmax(self.scale * dist, axis=-1)                    # (B, N, K)
+        # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k, as (B, C, K)
+        encoded = (ops.matmul(ops.swapaxes(pos, 1, 2), assign)
+                   - ops.transpose(d) * ops.sum(assign, axis=1)[:, None])
+        return encoded, assign
+
+
+class _Mean(keras.layers.Layer):
+    def __init__(self, axis, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+
+    def call(self, x):
+        return ops.mean(x, axis=self.axis)
+
+
+class _ConvBlock(_Part):
+    """Bottleneck 1×1 -> 3×3 -> 1×1 (each conv + BN) with a projected residual, then ReLU."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.conv1, self.bn1 = make(L[f"{p}.conv1"]), make(L[f"{p}.bn1"])
+        self.conv2, self.bn2 = make(L[f"{p}.conv2"]), make(L[f"{p}.bn2"])
+        self.conv3, self.bn3 = make(L[f"{p}.conv3"]), make(L[f"{p}.bn3"])
+        self.residual_conv, self.residual_bn = make(L[f"{p}.residual_conv"]), make(L[f"{p}.residual_bn"])
+
+    def call(self, x, training=None):
+        t = ops.relu(self.bn1(self.conv1(x), training=training))
+        t = ops.relu(self.bn2(self.conv2(t), training=training))
+        return ops.relu(self.bn3(self.conv3(t), training=training)
+                        + self.residual_bn(self.residual_conv(x), training=training))
+
+
+class _LVC(_Part):
+    """Learnable visual center: ConvBlock, encoding [conv, BN, ReLU, Encoding, BN over the codes,
+    ReLU, mean over the codes], and a sigmoid channel gate: y = ReLU(t + t·gate)."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        dtype = dtype_of(make)
+        self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
+        self.LVC = [make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]),
+                    keras.layers.ReLU(name=keras_name(f"{p}.LVC.2"), dtype=dtype),
+                    _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]),
+                    keras.layers.ReLU(name=keras_name(f"{p}.LVC.5"), dtype=dtype),
+                    _Mean(-1, name=keras_name(f"{p}.LVC.6"), dtype=dtype)]
+        self.fc = [make(L[f"{p}.fc.0"]),
+                   keras.layers.Activation("sigmoid", name=keras_name(f"{p}.fc.1"), dtype=dtype)]
+
+    def call(self, x, training=None):
+        local = self.conv_1(x, training=training)
+        encoder = self.LVC
+        encoded, assign = encoder[3](sequential(encoder[:3], local, training))
+        encoded = sequential(encoder[4:], encoded, training)        # BN over K, ReLU, mean over K
+        gate = sequential(self.fc, encoded)[:, None, None, :]
+        return ops.relu(local + local * gate), assign
+
+
+class _BaseConv(_Part):
+    """conv + BN + SiLU."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.conv = make(L[f"{p}.conv"])
+        self.bn = make(L[f"{p}.bn"])
+
+    def call(self, x, training=None):
+        return ops.silu(self.bn(self.conv(x), training=training))
+
+
+class _DWConv(_Part):
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.dconv = _BaseConv(make, L, f"{p}.dconv")
+        self.pconv = _BaseConv(make, L, f"{p}.pconv")
+
+    def call(self, x, training=None):
+        return self.pconv(self.dconv(x, training=training), training=training)
+
+
+class _Mlp(_Part):
+    """1×1 conv, exact GELU, 1×1 conv."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.fc1 = make(L[f"{p}.fc1"])
+        self.fc2 = make(L[f"{p}.fc2"])
+
+    def call(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+
+
+class _LightMLP(_Part):
+    """x + s₁·DW(GN(x)), then + s₂·MLP(GN(·)), with per-channel layer scales s₁, s₂."""
+
+    def __init__(self, make, L, p):
+        super().__init__(make, p)
+        self.dw = _DWConv(make, L, f"{p}.dw")
+        self.norm1 = make(L[f"{p}.norm1"])
+        self.norm2 = make(L[f"{p}.norm2"])
+        self.mlp = _Mlp(make, L, f"{p}.mlp")
+        self.layer_scale_1 = make(L[f"{p}.layer_scale_1"])
+        self.layer_scale_2 = make(L[f"{p}.layer_scale_2"])
+
+    def call(self, x, training=None):
+        x = x + self.layer_scale_1 * self.dw(self.norm1(x), training=training)
+        return x + self.layer_scale_2 * self.mlp(self.norm2(x))
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class ExplicitVisualCenter(Block):
-    """EVC on (B, H, W, C) / (B, C, H, W) -> same shape.
+    """CFPNet EVC on x (B, H, W, C) -> (B, H, W, C).
 
-    Keywords: in_channels (optional, inferred; >= 4), num_codes=64, mlp_ratio=4, bn_eps=1e-5,
-    conv_block_bn_eps=1e-6, gn_eps=1e-5, bn_momentum=0.1 (torch convention), layer_scale_init=1e-5,
-    data_format=None. Attention: the soft assignment of positions to codewords (B, N, K).
+    Stem 7×7 conv + BN + ReLU + 3×3 max-pool (stride 1); ``lvc`` (codebook of ``num_codes``
+    codewords) and ``l_MLP`` (LightMLP) branches on the stem; ``cnv1`` fuses their concatenation.
+    With ``return_attention=True`` also returns the soft assignment of positions to codewords (B, N, K).
     """
-    block = "ExplicitVisualCenter"
+    config_class = ExplicitVisualCenterConfig
 
-    def initializers(self, layer):
-        name = getattr(layer, "name", None)
-        if name == "lvc.LVC.3.codewords":     # as the anchor: U(-1/sqrt(K C), 1/sqrt(K C))
-            std = 1.0 / math.sqrt(self.spec.num_codes * self.spec.in_channels)
-            return {"initializer": keras.initializers.RandomUniform(-std, std)}
-        if name == "lvc.LVC.3.scale":          # negative smoothing factors, U(-1, 0)
-            return {"initializer": keras.initializers.RandomUniform(-1.0, 0.0)}
-        return {}
+    def build_layers(self, make):
+        L = self.spec.layers()
+        self.conv1 = make(L["conv1"])
+        self.bn1 = make(L["bn1"])
+        self.lvc = _LVC(make, L, "lvc")
+        self.l_MLP = _LightMLP(make, L, "l_MLP")
+        self.cnv1 = make(L["cnv1"])
 
-    def forward(self, x, training, return_attention):
-        def cb(conv, bn, t):
-            return self.apply(bn, self.apply(conv, t), training)
-
-        stem = ops.max_pool(ops.relu(cb("conv1", "bn1", x)), 3, strides=1, padding="same",
-                            data_format="channels_last")
-
-        # LVC: bottleneck ConvBlock with a projected residual
-        p = "lvc.conv_1"
-        t = ops.relu(cb(f"{p}.conv1", f"{p}.bn1", stem))
-        t = ops.relu(cb(f"{p}.conv2", f"{p}.bn2", t))
-        local = ops.relu(cb(f"{p}.conv3", f"{p}.bn3", t) + cb(f"{p}.residual_conv", f"{p}.residual_bn", stem))
-        # encoding layer: soft-assign every position to K codewords d_k by s_k‖x − d_k‖²
-        feat = ops.relu(cb("lvc.LVC.0", "lvc.LVC.1", local))
-        n, c, k = num_positions(feat), int(feat.shape[-1]), self.spec.num_codes
-        resid = flat(feat, n, c)[:, :, None, :] - self.params["lvc.LVC.3.codewords"][None, None]  # (B, N, K, C)
-        assign = ops.softmax(self.params["lvc.LVC.3.scale"] * ops.sum(resid * resid, axis=-1), axis=-1)
-        encoded = ops.einsum("bnk,bnkc->bkc", assign, resid)                                    # (B, K, C)
-        # BN1d over the K codes: as channels-last (B, 1, C, K)
-        encoded = ops.transpose(encoded, (0, 2, 1))[:, None]
-        encoded = ops.mean(ops.relu(self.apply("lvc.LVC.4", encoded, training))[:, 0], axis=-1)  # (B, C)
-        channel_gate = ops.sigmoid(self.apply("lvc.fc.0", encoded))[:, None, None, :]
-        lvc = ops.relu(local + local * channel_gate)
-
-        # LightMLP: depthwise/pointwise 1×1 (BN + SiLU) and a 1×1-conv MLP, each with a layer scale
-        dw = ops.silu(cb("l_MLP.dw.dconv.conv", "l_MLP.dw.dconv.bn", self.apply("l_MLP.norm1", stem)))
-        dw = ops.silu(cb("l_MLP.dw.pconv.conv", "l_MLP.dw.pconv.bn", dw))
-        mlp = stem + self.params["l_MLP.layer_scale_1"] * dw
-        hidden = ops.gelu(self.apply("l_MLP.mlp.fc1", self.apply("l_MLP.norm2", mlp)), approximate=False)
-        mlp = mlp + self.params["l_MLP.layer_scale_2"] * self.apply("l_MLP.mlp.fc2", hidden)
-
-        out = self.apply("cnv1", ops.concatenate([lvc, mlp], axis=-1))
+    def call_channels_last(self, x, training, return_attention):
+        stem = ops.max_pool(ops.relu(self.bn1(self.conv1(x), training=training)), 3, strides=1,
+                            padding="same", data_format="channels_last")
+        lvc, assign = self.lvc(stem, training=training)
+        out = self.cnv1(ops.concatenate([lvc, self.l_MLP(stem, training=training)], axis=-1))
         return (out, assign) if return_attention else out

@@ -1,4 +1,10 @@
-"""Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False) in keras.ops."""
+"""Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False), in keras.ops.
+
+The semantics are the reference's (``nlattn.numpy_ref.nl_means``), quirks included: reflect-padded
+patches, a search window clipped at the image border, the Gaussian patch kernel normalised to
+1 / (C·h²), the early-exit cutoff tested on the partial sums of patch rows 0 … s−2 only, and
+scikit-image's bit-trick ``fast_exp`` instead of exp.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import math
 import keras
 from keras import ops
 
-from ..numpy_ref.nl_means import _EXP_A, _EXP_BC, DISTANCE_CUTOFF, patch_kernel
+from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
 from ._base import Block
 
 #: float64 exponent bias minus float32's (1023 - 127), in units of the high word's exponent field
@@ -18,16 +24,16 @@ _LN2 = math.log(2.0)
 def fast_exp(y):
     """scikit-image's ``fast_exp`` for y <= 0 (Schraudolph's bit trick), with the slope of its envelope.
 
-    Forward: the float64 whose high word is ``hi = trunc(EXP_A·y) + EXP_BC`` (low word 0) has a
-    20-bit mantissa, so it is written exactly as a float32 (exponent re-biased, mantissa shifted by
-    3); 0 where it is below float32's normal range (the reference's 0 for hi < 0 included).
+    Forward: the float64 whose high word is ``hi = trunc(FAST_EXP_A·y) + FAST_EXP_BC`` (low word
+    0) has a 20-bit mantissa, so it is written exactly as a float32 (exponent re-biased, mantissa
+    shifted by 3); 0 where it is below float32's normal range (the reference's 0 for hi < 0 included).
     Backward: the staircase has derivative 0 almost everywhere, so the gradient is that of the
     continuous envelope it samples (``numpy_ref.nl_means.fast_exp_envelope``), 2**(E - 1023) / ln 2
     in the binade of exponent E, by a straight-through term that is exactly 0 in value.
     """
     y32 = ops.cast(ops.stop_gradient(y), "float32")
-    t = ops.trunc(_EXP_A * ops.maximum(y32, -1000.0))                  # |t| < 2**31: an int32
-    hi = ops.cast(t, "int32") + (_EXP_BC - _REBIAS)                     # high word, float32 bias
+    t = ops.trunc(FAST_EXP_A * ops.maximum(y32, -1000.0))              # |t| < 2**31: an int32
+    hi = ops.cast(t, "int32") + (FAST_EXP_BC - _REBIAS)                 # high word, float32 bias
     bits = ops.where(hi > 0, hi * 8, 0)                                 # << 3: 20 -> 23 mantissa bits
     fe = ops.view(bits, "float32")
     slope = ops.view(ops.bitwise_and(bits, 0x7F800000), "float32") / _LN2   # mantissa cleared
@@ -43,13 +49,14 @@ class NonLocalMeans(Block):
     channels of one image share their patch weights (scikit-image's ``channel_axis``); the
     reference's quirks (clipped search window, partial-distance cutoff, fast_exp) are reproduced.
     """
-    block = "NonLocalMeans"
+    config_class = NonLocalMeansConfig
 
-    def forward(self, x, training, return_attention):
+    def call_channels_last(self, x, training, return_attention):
+        """x (B, H, W, C) -> the filtered image (B, H, W, C), same dtype."""
         cfg = self.spec
         _, height, width, c = (int(n) if n is not None else None for n in x.shape)
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        w = patch_kernel(s, c, cfg.h).tolist()                                  # (s, s) constants
+        w = cfg.patch_kernel(c).tolist()                                        # (s, s) constants
         noise = c * 2.0 * cfg.sigma * cfg.sigma
         padded = ops.pad(x, [[0, 0], [o, o], [o, o], [0, 0]], mode="reflect")   # every pixel a patch
         # candidates beyond the image are never used (their weight is masked to 0): pad by d more
@@ -72,7 +79,7 @@ class NonLocalMeans(Block):
                     partial = row
                     continue
                 # the cutoff is tested before rows 1 … s−1 are added (never on the full sum)
-                over = partial > DISTANCE_CUTOFF
+                over = partial > NL_MEANS_DISTANCE_CUTOFF
                 cut = over if cut is None else ops.logical_or(cut, over)
                 partial = partial + row
             inside = ops.logical_and(

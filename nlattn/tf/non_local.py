@@ -1,115 +1,137 @@
-"""Non-local block (Wang et al. 2018), all four modes, 1D/2D/3D, as Keras layers."""
+"""Non-local block (Wang et al. 2018) in its four modes, 1D/2D/3D, as Keras layers.
+
+With ``implementation="auto"`` (the default) and without ``return_attention`` the (B, N, M)
+relation is never materialised: ``aggregate`` runs the kernels of ``kernels.py`` (softmax modes
+``query_chunk_size`` queries at a time, ``dot_product`` re-associated, ``concatenation`` by
+sorting); ``implementation="naive"`` always forms it in ``relation`` (the readable reference path).
+"""
 
 from __future__ import annotations
 
 import keras
 from keras import ops
 
+from ..specs import NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig
+from . import kernels
 from ._base import Block, num_positions
-from ._fast import concat_attention, softmax_attention
 
 
 class _NonLocal(Block):
-    """x + BN(W(A g)) on (B, *S, C) (channels_last) or (B, C, *S) (channels_first).
+    """Non-local block: out = x + BN(W(y)), y = A g with A the (B, N, M) relation of θ and φ.
 
-    Keywords: in_channels (optional, inferred), inter_channels=None, mode="embedded_gaussian"
-    (or "gaussian", "dot_product", "concatenation"), sub_sample=True, bn_layer=True,
-    pool_first=False, scale=None, num_heads=1, share_query_key=False, value_channels=None,
-    bn_eps=1e-5, bn_momentum=0.1 (torch convention), data_format=None,
-    implementation="auto" (fast paths: query-chunked softmax attention, θ(φᵀg)/M for dot_product,
-    sorted keys for concatenation; "naive" materialises the (N, M) map), query_chunk_size=1024.
-    With ``return_attention=True`` also returns A: (B, N, M), or (B, heads, N, M) with heads > 1.
-    Starts as the identity (BN gamma = beta = 0, or W = 0 without BN).
+    Input (B, *S, C) (channels_last) or (B, C, *S) (channels_first); output the same shape. With
+    ``return_attention=True`` also returns A, (B, N, M), or (B, heads, N, M) when ``num_heads > 1``
+    (positions flattened row-major). Starts as the identity: BN γ = β = 0 (W = 0 without BN), as
+    AlexHex7 initialises it.
     """
-    chunked = True
 
-    @property
-    def norm_rank(self):
-        return self.spec.spatial_dims + 2
+    def build_layers(self, make):
+        cfg, L = self.spec, self.spec.layers()
+        self.g = make(L["g"])
+        if cfg.mode != "gaussian":
+            self.theta = make(L["theta"])
+            if not cfg.share_query_key:
+                self.phi = make(L["phi"])
+        if cfg.mode == "concatenation":
+            self.concat_project = make(L["concat_project"])
+        self.W = make(L["W"])
+        if cfg.bn_layer:
+            self.bn = make(L["bn"])
 
-    def initializers(self, layer):
-        if self.spec.bn_layer and getattr(layer, "prefix", None) == "bn":
-            return {"gamma_initializer": "zeros", "beta_initializer": "zeros"}
-        if not self.spec.bn_layer and getattr(layer, "prefix", None) == "W":
-            return {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
-        return {}
+    def call_channels_last(self, x, training, return_attention):
+        """x (B, *S, C) -> (B, *S, C) [, attention (B, N, M) or (B, heads, N, M)]."""
+        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
+        if self.fast(return_attention):                 # never the (N, M) relation
+            return self.residual(x, self.aggregate(theta, phi, g), training)
+        attn = self.relation(theta, phi)                # (B, h, N, M)
+        out = self.residual(x, ops.matmul(attn, g), training)
+        if return_attention:
+            return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
+        return out
 
-    def forward(self, x, training, return_attention):
-        cfg = self.spec
+    def residual(self, x, y, training):
+        """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, *S, Cv) for W."""
         spatial = tuple(int(s) for s in x.shape[1:-1])
-        n, heads = num_positions(x), cfg.num_heads
+        z = self.W(ops.reshape(ops.swapaxes(y, 1, 2), (-1, *spatial, int(y.shape[1]) * int(y.shape[3]))))
+        if self.spec.bn_layer:
+            z = self.bn(z, training=training)
+        return z + x
 
-        def pool(t):
-            if not cfg.sub_sample:
-                return t
-            return ops.max_pool(t, cfg.pool_window, strides=cfg.pool_window, padding="valid",
-                                data_format="channels_last")
+    def pool(self, t):
+        if not self.spec.sub_sample:
+            return t
+        window = self.spec.pool_window
+        return ops.max_pool(t, window, strides=window, padding="valid", data_format="channels_last")
 
-        def embed(prefix):   # conv then pool (AlexHex7), or pool then conv (Caffe2)
-            return self.apply(prefix, pool(x)) if cfg.pool_first else pool(self.apply(prefix, x))
+    def embed(self, x):
+        """θ (B, h, N, Ck/h), φ (B, h, M, Ck/h), g (B, h, M, Cv/h): φ and g convolved then pooled
+        (AlexHex7), or pooled then convolved (``pool_first``, Caffe2); θ is never pooled."""
+        cfg = self.spec
+        x_pooled = self.pool(x) if cfg.pool_first or cfg.mode == "gaussian" else None
+
+        def pooled(conv):
+            return conv(x_pooled) if cfg.pool_first else self.pool(conv(x))
 
         if cfg.mode == "gaussian":
-            theta, phi = x, pool(x)
+            theta, phi = x, x_pooled
+        elif cfg.share_query_key:
+            theta = self.theta(x)
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
         else:
-            theta = self.apply("theta", x)
-            phi = embed("theta" if cfg.share_query_key else "phi")
-        g = embed("g")
-        m = num_positions(phi)
+            theta, phi = self.theta(x), pooled(self.phi)
+        return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
 
-        def split(t, positions):   # (B, *S, C) -> (B, heads, positions, C / heads)
-            c = int(t.shape[-1])
-            return ops.transpose(ops.reshape(t, (-1, positions, heads, c // heads)), (0, 2, 1, 3))
+    def split_heads(self, t):
+        """(B, *S, C) -> (B, h, positions, C / h)."""
+        h, c = self.spec.num_heads, int(t.shape[-1])
+        return ops.transpose(ops.reshape(t, (-1, num_positions(t), h, c // h)), (0, 2, 1, 3))
 
-        theta, phi, g = split(theta, n), split(phi, m), split(g, m)
-        fast = self.fast(return_attention)
-        attn = None
+    def relation(self, theta, phi):
+        """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""
+        cfg, n, m = self.spec, int(theta.shape[-2]), int(phi.shape[-2])
         if cfg.mode == "concatenation":
-            w = ops.reshape(self.sub["concat_project"].kernel, (-1,))
-            ci = int(theta.shape[-1])
-            if fast:   # ReLU(w·[θᵢ; φⱼ]) = ReLU(w_θ·θᵢ + w_φ·φⱼ): sorted keys and prefix sums
-                a = ops.matmul(theta, w[:ci])          # (B, 1, N)
-                k = ops.matmul(phi, w[ci:])            # (B, 1, M)
-                y = concat_attention(a[:, 0], k[:, 0], g[:, 0])[:, None] / m
-            else:      # the published formulation, pair by pair: [θᵢ; φⱼ] (B, 1, N, M, 2Ci)
-                pairs = ops.concatenate([ops.repeat(theta[:, :, :, None], m, axis=3),
-                                         ops.repeat(phi[:, :, None], n, axis=2)], -1)
-                attn = ops.relu(ops.matmul(pairs, w)) / m
-                y = ops.matmul(attn, g)
-        elif cfg.mode == "dot_product" and fast:
-            # θ(φᵀg)/M: exact re-association, linear in N, no (N, M) matrix
-            y = ops.matmul(theta, ops.matmul(ops.transpose(phi, (0, 1, 3, 2)), g)) / m
-        elif fast:                                 # softmax modes: query-chunked attention
-            y = softmax_attention(theta, phi, g, self.query_chunk_size, cfg.scale)
-        else:
-            f = ops.matmul(theta, ops.transpose(phi, (0, 1, 3, 2)))    # (B, heads, N, M)
-            if cfg.scale is not None:
-                f = f * cfg.scale
-            attn = ops.softmax(f, axis=-1) if cfg.mode in ("embedded_gaussian", "gaussian") else f / m
-            y = ops.matmul(attn, g)
-        y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (-1, *spatial, int(g.shape[1] * g.shape[3])))
-        z = self.apply("W", y)
-        if cfg.bn_layer:
-            z = self.apply("bn", z, training)
-        out = z + x
-        if return_attention:
-            return out, (attn[:, 0] if heads == 1 else attn)
-        return out
+            # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
+            pairs = ops.concatenate([ops.repeat(theta[:, :, :, None], m, axis=3),
+                                     ops.repeat(phi[:, :, None], n, axis=2)], -1)
+            return ops.relu(ops.matmul(pairs, ops.reshape(self.concat_project.kernel, (-1,)))) / m
+        f = ops.matmul(theta, ops.swapaxes(phi, -1, -2))
+        if cfg.scale is not None:
+            f = f * cfg.scale
+        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+
+    def aggregate(self, theta, phi, g):
+        """y = A g (B, h, N, Cv/h) without materialising A."""
+        cfg = self.spec
+        if cfg.mode == "dot_product":
+            return kernels.dot_product_attention(theta, phi, g, cfg.scale)
+        if cfg.mode == "concatenation":
+            return kernels.concatenation_attention(*self.concat_terms(theta, phi), g)
+        return kernels.softmax_attention(theta, phi, g, cfg.scale, self.query_chunk_size)
+
+    def concat_terms(self, theta, phi):
+        """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + bⱼ): per-query a (B, h, N) and per-key b (B, h, M)."""
+        w = ops.reshape(self.concat_project.kernel, (-1,))
+        c = int(theta.shape[-1])
+        return ops.matmul(theta, w[:c]), ops.matmul(phi, w[c:])
+
+
+def _doc(last: str, first: str) -> str:
+    return str(_NonLocal.__doc__).replace("(B, *S, C)", last, 1).replace("(B, C, *S)", first, 1)
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class NonLocalBlock1D(_NonLocal):
-    __doc__ = "Non-local block on (B, L, C) / (B, C, L)." + _NonLocal.__doc__[_NonLocal.__doc__.index("\n"):]
-    block = "NonLocalBlock1D"
+    __doc__ = _doc("(B, L, C)", "(B, C, L)")
+    config_class = NonLocalBlock1DConfig
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class NonLocalBlock2D(_NonLocal):
-    __doc__ = "Non-local block on (B, H, W, C) / (B, C, H, W)." + _NonLocal.__doc__[_NonLocal.__doc__.index("\n"):]
-    block = "NonLocalBlock2D"
+    __doc__ = _doc("(B, H, W, C)", "(B, C, H, W)")
+    config_class = NonLocalBlock2DConfig
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class NonLocalBlock3D(_NonLocal):
-    __doc__ = ("Non-local block on (B, T, H, W, C) / (B, C, T, H, W); sub-sampling pools (1, 2, 2)."
-               + _NonLocal.__doc__[_NonLocal.__doc__.index("\n"):])
-    block = "NonLocalBlock3D"
+    __doc__ = _doc("(B, T, H, W, C)", "(B, C, T, H, W)") + "    Sub-sampling max-pools (1, 2, 2).\n"
+    config_class = NonLocalBlock3DConfig

@@ -5,52 +5,77 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from ._base import Block
+from ..specs import RelationAwareAttentionConfig
+from ._base import Block, dtype_of, keras_name, sequential
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class RelationAwareAttention(Block):
-    """RGA on (B, H, W, C) / (B, C, H, W): sigmoid gates from relations, y = gate ⊙ x.
+    """RGA on x (B, H, W, C) -> (B, H, W, C): sigmoid gates from pairwise relations, y = gate ⊙ x.
 
-    Keywords: in_channels (optional, inferred), spatial_size=(H, W) (required: the convs mix H*W
-    positions), use_spatial=True, use_channel=True, cha_ratio=8, spa_ratio=8, down_ratio=8,
-    bn_eps=1e-5, bn_momentum=0.1 (torch convention), data_format=None.
-    Attention: the first branch's relations, spatial (B, N, N), else channel (B, C, C).
+    Built for one ``spatial_size`` (H, W) (its channel branch mixes the H·W positions). Layers
+    carry the published names: ``theta_spatial`` etc. are lists [conv, BN, ReLU], ``W_spatial`` /
+    ``W_channel`` are [conv, BN, ReLU, conv, BN], applied in order like ``nn.Sequential``. With
+    ``return_attention=True`` also returns the relations of the first branch: spatial (B, N, N)
+    with ``use_spatial``, else channel (B, C, C).
     """
-    block = "RelationAwareAttention"
+    config_class = RelationAwareAttentionConfig
 
-    def forward(self, x, training, return_attention):
-        _, h, w, c = (int(s) if s is not None else None for s in x.shape)
+    def build_layers(self, make):
+        cfg, L = self.spec, self.spec.layers()
+
+        def cbr(prefix):          # conv → BN → ReLU
+            relu = keras.layers.ReLU(name=keras_name(f"{prefix}.2"), dtype=dtype_of(make))
+            return [make(L[f"{prefix}.0"]), make(L[f"{prefix}.1"]), relu]
+
+        def gate(prefix):         # cbr → conv → BN(1): the attention logit
+            return [*cbr(prefix), make(L[f"{prefix}.3"]), make(L[f"{prefix}.4"])]
+
+        # in the published module's __init__ order (so state_dict orders agree)
+        if cfg.use_spatial:
+            self.theta_spatial, self.phi_spatial = cbr("theta_spatial"), cbr("phi_spatial")
+        if cfg.use_channel:
+            self.theta_channel, self.phi_channel = cbr("theta_channel"), cbr("phi_channel")
+        if cfg.use_spatial:
+            self.gx_spatial = cbr("gx_spatial")
+        if cfg.use_channel:
+            self.gx_channel = cbr("gx_channel")
+        if cfg.use_spatial:
+            self.gg_spatial = cbr("gg_spatial")
+        if cfg.use_channel:
+            self.gg_channel = cbr("gg_channel")
+        if cfg.use_spatial:
+            self.W_spatial = gate("W_spatial")
+        if cfg.use_channel:
+            self.W_channel = gate("W_channel")
+
+    def call_channels_last(self, x, training, return_attention):
+        cfg = self.spec
+        h, w, c = (int(s) for s in x.shape[1:])
         n = h * w
 
-        def cbr(prefix, t):               # conv → BN → ReLU
-            return ops.relu(self.apply(f"{prefix}.1", self.apply(f"{prefix}.0", t), training))
-
-        def gate(prefix, t):              # cbr → conv → BN(1): the attention logit
-            return self.apply(f"{prefix}.4", self.apply(f"{prefix}.3", cbr(prefix, t)), training)
+        def run(layers, t):
+            return sequential(layers, t, training)
 
         relations = []
-        if self.spec.use_spatial:
-            theta = ops.reshape(cbr("theta_spatial", x), (-1, n, self.spec.inter_channel))
-            phi = ops.reshape(cbr("phi_spatial", x), (-1, n, self.spec.inter_channel))
-            rel = ops.matmul(theta, ops.transpose(phi, (0, 2, 1)))            # r(i, j) (B, N, N)
-            # at position i: its relations to all (r(i, ·)) and from all (r(·, i)), as channels
-            joint = ops.reshape(ops.concatenate([rel, ops.transpose(rel, (0, 2, 1))], -1), (-1, h, w, 2 * n))
-            feat = ops.concatenate([ops.mean(cbr("gx_spatial", x), axis=-1, keepdims=True),
-                                    cbr("gg_spatial", joint)], -1)
-            x = ops.sigmoid(gate("W_spatial", feat)) * x
+        if cfg.use_spatial:
+            theta = ops.reshape(run(self.theta_spatial, x), (-1, n, cfg.inter_channel))
+            phi = ops.reshape(run(self.phi_spatial, x), (-1, n, cfg.inter_channel))
+            rel = ops.matmul(theta, ops.swapaxes(phi, 1, 2))                   # r(i, j), (B, N, N)
+            # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
+            joint = ops.reshape(ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1), (-1, h, w, 2 * n))
+            feat = ops.concatenate([ops.mean(run(self.gx_spatial, x), axis=-1, keepdims=True),
+                                    run(self.gg_spatial, joint)], -1)
+            x = ops.sigmoid(run(self.W_spatial, feat)) * x
             relations.append(rel)
-        if self.spec.use_channel:
-            # positions as channels: (B, C, 1, N), channel c is a "pixel"
-            xc = ops.transpose(ops.reshape(x, (-1, n, c)), (0, 2, 1))[:, :, None, :]
-            ni = self.spec.inter_spatial
-            theta = ops.reshape(cbr("theta_channel", xc), (-1, c, ni))
-            phi = ops.transpose(ops.reshape(cbr("phi_channel", xc), (-1, c, ni)), (0, 2, 1))
-            rel = ops.matmul(theta, phi)                                       # (B, C, C)
-            joint = ops.concatenate([rel, ops.transpose(rel, (0, 2, 1))], -1)[:, :, None, :]
-            feat = ops.concatenate([ops.mean(cbr("gx_channel", xc), axis=-1, keepdims=True),
-                                    cbr("gg_channel", joint)], -1)
-            logit = ops.reshape(gate("W_channel", feat), (-1, 1, 1, c))
-            x = ops.sigmoid(logit) * x
+        if cfg.use_channel:
+            xc = ops.swapaxes(ops.reshape(x, (-1, n, c)), 1, 2)[:, :, None, :]   # positions as channels
+            theta = ops.reshape(run(self.theta_channel, xc), (-1, c, cfg.inter_spatial))       # (B, C, Ni)
+            phi = ops.swapaxes(ops.reshape(run(self.phi_channel, xc), (-1, c, cfg.inter_spatial)), 1, 2)
+            rel = ops.matmul(theta, phi)                                                   # (B, C, C)
+            joint = ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1)[:, :, None, :]     # (B, C, 1, 2C)
+            feat = ops.concatenate([ops.mean(run(self.gx_channel, xc), axis=-1, keepdims=True),
+                                    run(self.gg_channel, joint)], -1)
+            x = ops.sigmoid(ops.reshape(run(self.W_channel, feat), (-1, 1, 1, c))) * x   # gate (B, 1, 1, C)
             relations.append(rel)
         return (x, relations[0]) if return_attention else x

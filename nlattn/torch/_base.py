@@ -8,14 +8,25 @@ The same file in ``nlattn/tf`` and ``nlattn/jax`` has the same names: ``Block`` 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..specs import (BatchNorm, BlockConfig, Conv, Dense, GroupNorm, Layer, Param, Uniform, check_float_dtype,
-                     config_signature, parse_arguments)
+from ..specs import (
+    BatchNorm,
+    BlockConfig,
+    Conv,
+    Dense,
+    GroupNorm,
+    Layer,
+    Param,
+    Uniform,
+    check_float_dtype,
+    config_signature,
+    parse_arguments,
+)
 
 #: dtypes whose attention cores (energies, softmax, sorted sums, codeword distances) run in float32,
 #: as torch's own reduced-precision kernels accumulate in float32
@@ -88,8 +99,9 @@ class BatchNormNd(nn.modules.batchnorm._BatchNorm):
 def make(layer: Layer) -> nn.Module | nn.Parameter:
     """The torch layer of a schema layer, initialised as the spec says (torch's init otherwise);
     conv rank follows the kernel."""
+    module: nn.Module
     if isinstance(layer, Conv):
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]
+        cls: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]
         module = cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=layer.bias,
                      groups=layer.groups, padding=layer.padding or 0)
     elif isinstance(layer, BatchNorm):

@@ -52,6 +52,9 @@ class TorchWeights(WeightAccess):
         with torch.no_grad():
             variable.copy_(value)
 
+    def finite(self, value):
+        return bool(torch.isfinite(value).all())
+
 
 ACCESS = TorchWeights()
 blocks = ACCESS.blocks

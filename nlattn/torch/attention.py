@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..specs import (ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig,
-                     SelfAttentionConfig)
+from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
 from . import kernels
 from ._base import Block, work_dtype
 
@@ -36,7 +35,7 @@ class _SAGAN(_QKV):
         if self.fast(return_attention):
             attn, out = None, kernels.softmax_attention(q, k, v)     # the N×N map is never stored
         else:
-            attn = kernels.softmax(q @ k.transpose(-1, -2))[:, 0]    # (B, N, N), over keys
+            attn = torch.softmax(kernels.energies(q, k), dim=-1).to(x.dtype)[:, 0]   # (B, N, N), over keys
             out = attn[:, None] @ v
         y = self.gamma * out[:, 0].transpose(1, 2).reshape(x.shape) + x
         return (y, attn) if return_attention else y
@@ -44,13 +43,13 @@ class _SAGAN(_QKV):
 
 class SelfAttention(_SAGAN):
     __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
-               + _QKV.__doc__ + "\n    " + _SAGAN.__doc__)
+               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
     config_class = SelfAttentionConfig
 
 
 class PositionAttention(_SAGAN):
     __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
-               + _QKV.__doc__ + "\n    " + _SAGAN.__doc__)
+               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
     config_class = PositionAttentionConfig
 
 

@@ -20,6 +20,13 @@ def softmax(e: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.softmax(e, dim=dim, dtype=work_dtype(e.dtype)).to(e.dtype)
 
 
+def energies(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q kᵀ (B, h, N, M) in float32 (or wider): half-precision energies overflow (|e| > 65504
+    in float16) and round coarsely (bfloat16) before the softmax sees them."""
+    wide = work_dtype(q.dtype)
+    return q.to(wide) @ k.to(wide).transpose(-1, -2)
+
+
 def softmax_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
     """softmax_j(scale·qᵢ·kⱼ) v through ``F.scaled_dot_product_attention`` (the flash kernel on CPU,
     which tiles the queries itself).
@@ -37,9 +44,14 @@ def softmax_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
 
 
 def dot_product_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
-    """(scale/M)·(q kᵀ) v as q (kᵀ v)·scale/M: (c × cv) per head instead of N × M, linear in N."""
+    """(scale/M)·(q kᵀ) v as q ((kᵀ v)·scale/M): (c × cv) per head instead of N × M, linear in N.
+
+    The sums over keys run in float32 (or wider) and are divided by M before anything is rounded
+    back, so half precision overflows only where the result itself does."""
     factor = (1.0 if scale is None else float(scale)) / k.shape[-2]
-    return (q @ (k.transpose(-1, -2) @ v)) * factor
+    wide = work_dtype(q.dtype)
+    kv = (k.to(wide).transpose(-1, -2) @ v.to(wide)) * factor
+    return (q.to(wide) @ kv).to(q.dtype)
 
 
 def concatenation_attention(a, b, v) -> torch.Tensor:

@@ -43,19 +43,21 @@ class _NonLocal(Block):
         """x (B, C, *S) -> (B, C, *S) [, attention (B, N, M) or (B, heads, N, M)]."""
         self.check_input(x)
         theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
-        if self.fast(return_attention):
-            attn, y = None, self.aggregate(theta, phi, g)   # never the (N, M) relation
-        else:
-            attn = self.relation(theta, phi)            # (B, h, N, M)
-            y = attn @ g
-        b, c, *spatial = x.shape
-        z = self.W(y.transpose(-1, -2).reshape(b, -1, *spatial))
-        if self.spec.bn_layer:
-            z = self.bn(z)
-        out = z + x
+        if self.fast(return_attention):                 # never the (N, M) relation
+            return self.residual(x, self.aggregate(theta, phi, g))
+        attn = self.relation(theta, phi)                # (B, h, N, M)
+        out = self.residual(x, attn @ g)
         if return_attention:
             return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
         return out
+
+    def residual(self, x, y):
+        """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, Cv, *S) for W."""
+        b, _, *spatial = x.shape
+        z = self.W(y.transpose(-1, -2).reshape(b, -1, *spatial))
+        if self.spec.bn_layer:
+            z = self.bn(z)
+        return z + x
 
     def pool(self, t):
         if not self.spec.sub_sample:
@@ -95,10 +97,10 @@ class _NonLocal(Block):
             pairs = torch.cat([theta[..., :, None, :].expand(-1, -1, -1, m, -1),
                                phi[..., None, :, :].expand(-1, -1, n, -1, -1)], -1)
             return torch.relu(pairs @ self.concat_project.weight.reshape(2 * c)) / m
-        f = theta @ phi.transpose(-1, -2)
+        f = kernels.energies(theta, phi)                # float32 for half-precision inputs
         if cfg.scale is not None:
             f = f * cfg.scale
-        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+        return (f / m if cfg.mode == "dot_product" else torch.softmax(f, dim=-1)).to(theta.dtype)
 
     def aggregate(self, theta, phi, g):
         """y = A g (B, h, N, Cv/h) without materialising A."""
@@ -117,16 +119,16 @@ class _NonLocal(Block):
 
 
 class NonLocalBlock1D(_NonLocal):
-    __doc__ = _NonLocal.__doc__.replace("(B, C, *S)", "(B, C, L)", 1)
+    __doc__ = str(_NonLocal.__doc__).replace("(B, C, *S)", "(B, C, L)", 1)
     config_class = NonLocalBlock1DConfig
 
 
 class NonLocalBlock2D(_NonLocal):
-    __doc__ = _NonLocal.__doc__.replace("(B, C, *S)", "(B, C, H, W)", 1)
+    __doc__ = str(_NonLocal.__doc__).replace("(B, C, *S)", "(B, C, H, W)", 1)
     config_class = NonLocalBlock2DConfig
 
 
 class NonLocalBlock3D(_NonLocal):
-    __doc__ = _NonLocal.__doc__.replace("(B, C, *S)", "(B, C, T, H, W)", 1) + \
+    __doc__ = str(_NonLocal.__doc__).replace("(B, C, *S)", "(B, C, T, H, W)", 1) + \
         "    Sub-sampling max-pools (1, 2, 2).\n"
     config_class = NonLocalBlock3DConfig

@@ -16,9 +16,8 @@ layouts (docs/design.md §3), validated against the block's schema (``nlattn.spe
 Nothing here imports a framework at module level.
 """
 
-from .files import (LAYOUT_VERSION, Checkpoint, WeightFileError, load_file, read_state_dict,
-                    save_weights)
 from .convert import convert, read_checkpoint, write_checkpoint
+from .files import LAYOUT_VERSION, Checkpoint, WeightFileError, load_file, read_state_dict, save_weights
 from .frameworks import build, export_weights, framework_of, load_weights
 from .importers import SOURCES, from_checkpoint
 from .unpickle import SafeUnpickler, UnsafePickleError

@@ -10,15 +10,20 @@ converted before the first variable is assigned, so a failed load changes nothin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ..errors import WeightError
 from ..specs import Tensor, check_model_weights, tensors
 
 #: tensor kinds that are running statistics, not trained parameters
 STATISTICS = ("bn_mean", "bn_var")
+
+#: held while variables are assigned or read, so loads and exports are atomic across threads
+_LOCK = threading.RLock()
 
 
 def join(path: str, name: str) -> str:
@@ -82,23 +87,30 @@ class WeightAccess:
     def assign(self, variable: Any, value: Any) -> None:
         raise NotImplementedError
 
+    def finite(self, value: Any) -> bool:
+        """Whether a converted value (the variable's dtype) holds no NaN or infinity."""
+        raise NotImplementedError
+
     # -- written once ----------------------------------------------------------------------------
     def export_weights(self, model: Any) -> dict[str, np.ndarray]:
         """Canonical weights of a block, or of every nlattn block inside a model (names prefixed
         by the block's path), as NumPy copies in the variables' dtype, in schema order."""
         out = {}
-        for path, block in self.blocks(model):
-            schema = tensors(block.spec.schema())
-            for name, variable in self.variables(block).items():
-                value = np.array(self.read(variable))
-                out[join(path, name)] = to_canonical(schema[name], value, self.channels_last)
+        with _LOCK:          # never half of a concurrent load
+            for path, block in self.blocks(model):
+                schema = tensors(block.spec.schema())
+                for name, variable in self.variables(block).items():
+                    value = np.array(self.read(variable))
+                    out[join(path, name)] = to_canonical(schema[name], value, self.channels_last)
         return out
 
     def load_weights(self, model: Any, weights: Mapping[str, Any]) -> None:
         """Set every canonical tensor of a block (or of every block in a model), atomically.
 
         All names, shapes and values are checked first (one ``WeightError`` lists every problem of
-        every block), everything is converted, and only then assigned.
+        every block), everything is converted to the variables' dtypes and checked again (a float64
+        1e300 is no float32), and only then assigned — under a lock, so that two threads loading
+        into one block leave one weight set or the other, never a mixture.
         """
         if not isinstance(weights, Mapping):
             raise TypeError(f"load_weights: expected a mapping of name -> array, got {type(weights).__name__}")
@@ -106,14 +118,20 @@ class WeightAccess:
         name = found[0][1].spec.block if found[0][0] == "" else type(model).__name__
         arrays = {str(k): np.asarray(v) for k, v in weights.items()}
         owned = check_model_weights(name, [(path, b.spec) for path, b in found], arrays)
-        staged = []
-        for (_, block), own in zip(found, owned):
+        staged, overflow = [], []
+        for (path, block), own in zip(found, owned):
             schema = tensors(block.spec.schema())
             for key, variable in self.variables(block).items():
                 native = to_native(schema[key], own[key], tuple(variable.shape), self.channels_last)
                 staged.append((variable, self.convert(variable, native)))
-        for variable, value in staged:
-            self.assign(variable, value)
+                if not self.finite(staged[-1][1]):
+                    overflow.append(f"{join(path, key)!r} is not finite in the variable's dtype "
+                                    f"(values beyond its range)")
+        if overflow:
+            raise WeightError(name, overflow)
+        with _LOCK:
+            for variable, value in staged:
+                self.assign(variable, value)
 
     def running_stats(self, block: Any) -> dict[str, np.ndarray]:
         """Every BatchNorm running mean and variance of a block, by canonical name."""

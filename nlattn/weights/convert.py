@@ -13,7 +13,8 @@ Destinations, by suffix of ``dst``:
                    ``nnx.replace_by_pure_dict(nnx.state(block), msgpack_restore(data))`` + ``nnx.update``
 =================  ===============================================================================
 
-Every file is written to a temporary name first and renamed, so a failure leaves nothing behind.
+Every file is written to a temporary name first and renamed (``files.atomic_write``), so a failure
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import ConfigError
-from .files import Checkpoint, load_file, read_state_dict, save_weights
+from .files import Checkpoint, atomic_write, load_file, read_state_dict, save_weights
 
 #: destination suffix -> (what it is, the pip extra it needs or None)
 FORMATS = {".safetensors": ("canonical safetensors", None), ".pt": ("PyTorch state dict", "torch"),
@@ -72,6 +73,11 @@ def read_checkpoint(src, source: str | None = None, *, block: str | None = None,
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
         ckpt = Checkpoint(block, config, state, source=os.fspath(src))
     else:
+        if not os.fspath(src).lower().endswith(".safetensors"):
+            from .importers import SOURCES
+            raise ConfigError(f"convert: {os.fspath(src)} is not an nlattn .safetensors file: for a published "
+                              f"checkpoint give its source (--source {' | '.join(SOURCES)}), for canonical "
+                              f"names without nlattn metadata the block (--block NAME --config k=v ...)")
         ckpt = load_file(src)
         if config:
             ckpt = Checkpoint(ckpt.block, {**ckpt.config, **config}, ckpt.weights, source=ckpt.source)
@@ -79,18 +85,6 @@ def read_checkpoint(src, source: str | None = None, *, block: str | None = None,
     ckpt.validate()
     return Checkpoint(cfg.block, cfg.to_dict(), ckpt.weights, ckpt.source, ckpt.mapped, ckpt.dropped,
                       ckpt.notes)
-
-
-def _atomic(dst: str, write) -> None:
-    # the temporary name keeps the destination's suffix (Keras checks it)
-    head, tail = os.path.split(dst)
-    tmp = os.path.join(head, f".tmp-{os.getpid()}-{tail}")
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def keras_input_shape(block) -> tuple:
@@ -112,14 +106,14 @@ def write_checkpoint(ckpt: Checkpoint, dst) -> str:
         backend("torch")         # ImportError naming the extra
         import torch
         state = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.weights.items()}
-        _atomic(dst, lambda p: torch.save(state, p))
+        atomic_write(dst, lambda p: torch.save(state, p))
     elif fmt == ".weights.h5":
         import keras
 
         from .frameworks import build
         layer = build(ckpt, "tf")
         wrapper = keras.Sequential([keras.Input(keras_input_shape(layer)), layer])
-        _atomic(dst, wrapper.save_weights)
+        atomic_write(dst, wrapper.save_weights)
     else:   # .msgpack
         from .frameworks import build
         block = build(ckpt, "jax")
@@ -129,14 +123,24 @@ def write_checkpoint(ckpt: Checkpoint, dst) -> str:
         def write(p):
             with open(p, "wb") as f:
                 f.write(data)
-        _atomic(dst, write)
+        atomic_write(dst, write)
     return fmt
+
+
+def check_destination(dst) -> None:
+    """Fail before reading anything if ``dst`` cannot be written: its suffix, its directory."""
+    destination_format(dst)
+    folder = os.path.dirname(os.path.abspath(os.fspath(dst)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(dst)}: no directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write {os.fspath(dst)}: the directory {folder} is not writable")
 
 
 def convert(src, dst, source: str | None = None, *, block: str | None = None,
             config: Mapping | None = None, prefix: str | None = None) -> Checkpoint:
     """Read ``src`` (``read_checkpoint``) and write it to ``dst`` (``write_checkpoint``)."""
-    destination_format(dst)          # fail before reading anything
+    check_destination(dst)
     ckpt = read_checkpoint(src, source, block=block, config=config, prefix=prefix)
     write_checkpoint(ckpt, dst)
     return ckpt

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import stat
+import threading
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,14 +160,46 @@ def save_weights(path, block_or_weights, config: dict | None = None, block: str 
     metadata = {"nlattn_block": ckpt.block, "nlattn_config": json.dumps(ckpt.config, sort_keys=True),
                 "nlattn_layout": LAYOUT_VERSION, "nlattn_version": __version__}
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it to ``path``.
+
+    The temporary name is unique (two threads or processes may write the same path: the last
+    rename wins, both files are whole) and keeps ``path``'s suffix (Keras checks it). The file
+    gets the mode an ordinary new file gets (0o666 less the umask), or the mode of the file it
+    replaces; on any failure nothing is left behind and an existing file is unchanged.
+    """
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{uuid.uuid4().hex[:12]}.tmp-{tail}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:   # elsewhere the only way to read it is to set it, briefly
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
