@@ -43,8 +43,11 @@ BLOCKS = {
     "cca": ("CrissCrossAttention", {}),
 }
 #: benchmark framework name -> (modules that must be importable, nlattn subpackage)
-FRAMEWORKS = {"torch": (("torch",), "torch"), "keras": (("tensorflow", "keras"), "tf"),
-              "flax": (("jax", "flax"), "jax")}
+FRAMEWORKS = {
+    "torch": (("torch",), "torch"),
+    "keras": (("tensorflow", "keras"), "tf"),
+    "flax": (("jax", "flax"), "jax"),
+}
 MATMUL_N = 2048
 CHILD_TIMEOUT_S = 1800
 CHECK_MAX_SIZE = 64
@@ -53,6 +56,7 @@ CHECK_MAX_SIZE = 64
 # --- FLOPs of the fast path: dominant terms only (multiply-add = 2 FLOPs; softmax, pooling, BN,
 # --- sorting and residual adds are left out). N = H·W queries; non-local: M = N/4 keys (2×2
 # --- sub-sampling), Ci = C/2; SAGAN/PAM/CCNet: Cq = C/8.
+
 
 def _non_local_sizes(h, w, c):
     return h * w, (h // 2) * (w // 2), c // 2
@@ -105,10 +109,16 @@ def flops_cca(h, w, c):
     return 2 * n * c * (2 * cq + c) + 2 * n * (h + w) * (cq + c)
 
 
-FLOPS = {"embedded_gaussian": flops_embedded_gaussian, "gaussian": flops_gaussian,
-         "dot_product": flops_dot_product, "dot_product_full": flops_dot_product_full,
-         "concatenation": flops_concatenation,
-         "sagan": flops_sagan, "pam": flops_sagan, "cca": flops_cca}
+FLOPS = {
+    "embedded_gaussian": flops_embedded_gaussian,
+    "gaussian": flops_gaussian,
+    "dot_product": flops_dot_product,
+    "dot_product_full": flops_dot_product_full,
+    "concatenation": flops_concatenation,
+    "sagan": flops_sagan,
+    "pam": flops_sagan,
+    "cca": flops_cca,
+}
 
 
 def naive_skip_reason(block, size, c):
@@ -124,6 +134,7 @@ def naive_skip_reason(block, size, c):
 
 
 # --- peak resident memory ------------------------------------------------------------------------
+
 
 def _status_kib(key):
     with open("/proc/self/status") as f:
@@ -169,15 +180,18 @@ class PeakRSS:
 
 # --- one measurement (runs in a child process) ---------------------------------------------------
 
+
 def _build(framework, block, c, size, impl, w):
     """(call, to_numpy): call() runs the block once on a fixed input and returns when it is done."""
     import nlattn
+
     cls, kw = BLOCKS[block]
     x = np.random.default_rng(1).standard_normal((1, c, size, size), dtype=np.float32)
     if framework == "torch":
         import torch
 
         from nlattn import torch as ntorch
+
         model = getattr(ntorch, cls)(c, **kw, implementation=impl).eval()
         nlattn.load_weights(model, w)
         xt = torch.from_numpy(x)
@@ -185,26 +199,29 @@ def _build(framework, block, c, size, impl, w):
         def call():
             with torch.inference_mode():
                 return model(xt)
+
         return call, lambda y: y.numpy()
-    x = np.ascontiguousarray(np.moveaxis(x, 1, -1))      # Keras and Flax blocks are channels-last here
+    x = np.ascontiguousarray(np.moveaxis(x, 1, -1))  # Keras and Flax blocks are channels-last here
     if framework == "keras":
         import tensorflow as tf
 
         from nlattn import tf as nkeras
+
         model = getattr(nkeras, cls)(c, **kw, implementation=impl)
         nlattn.load_weights(model, w)
         xt = tf.constant(x)
         fn = tf.function(lambda t: model(t, training=False), jit_compile=True)
-        return (lambda: fn(xt)), lambda y: y.numpy()      # eager TF returns after the call has run
+        return (lambda: fn(xt)), lambda y: y.numpy()  # eager TF returns after the call has run
     import jax
     from flax import nnx
 
     from nlattn import jax as nflax
+
     model = getattr(nflax, cls)(c, **kw, implementation=impl, rngs=nnx.Rngs(0))
     model.eval()
     nlattn.load_weights(model, w)
     fn = nnx.jit(lambda mod, t: mod(t))
-    xt = jax.device_put(x)                                 # a device array, not a host copy per call
+    xt = jax.device_put(x)  # a device array, not a host copy per call
     return (lambda: fn(model, xt).block_until_ready()), np.asarray
 
 
@@ -215,20 +232,20 @@ def measure(job):
         return _measure_matmul(framework, repeat)
     import nlattn
     from nlattn.specs import random_weights
+
     cls, kw = BLOCKS[job["block"]]
     c, size = job["channels"], job["size"]
     # random weights: the identity-at-init blocks would make the fast/naive comparison trivial
-    weights = random_weights(nlattn.make_config(cls, in_channels=c, **kw).schema(),
-                             np.random.default_rng(0))
+    weights = random_weights(nlattn.make_config(cls, in_channels=c, **kw).schema(), np.random.default_rng(0))
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
     call, to_numpy = _build(framework, job["block"], c, size, job["impl"], weights)
-    y = call()                                             # warm-up / compilation
+    y = call()  # warm-up / compilation
     del y
     gc.collect()
     before = _status_kib("VmRSS")
     meter, times, y = PeakRSS().start(), [], None
     for _ in range(repeat):
-        y = None                                          # the last output must not be alive during the call
+        y = None  # the last output must not be alive during the call
         t0 = time.perf_counter()
         y = call()
         times.append(time.perf_counter() - t0)
@@ -240,7 +257,7 @@ def measure(job):
             naive_call, _ = _build(framework, job["block"], c, size, "naive", weights)
             ref = to_numpy(naive_call())
             result["err"] = float(np.max(np.abs(out - ref)) / max(1.0, float(np.max(np.abs(ref)))))
-        except Exception as e:                            # keep the fast measurement
+        except Exception as e:  # keep the fast measurement
             result["check_error"] = f"{type(e).__name__}: {e}"
     return result
 
@@ -250,46 +267,59 @@ def _measure_matmul(framework, repeat):
     a = np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
     if framework == "torch":
         import torch
+
         at = torch.from_numpy(a)
-        call = lambda: torch.mm(at, at)                    # noqa: E731
+        call = lambda: torch.mm(at, at)  # noqa: E731
     elif framework == "keras":
         import tensorflow as tf
+
         at, fn = tf.constant(a), tf.function(lambda t: tf.matmul(t, t), jit_compile=True)
-        call = lambda: fn(at)                              # noqa: E731
+        call = lambda: fn(at)  # noqa: E731
     else:
         import jax
+
         at, fn = jax.device_put(a), jax.jit(lambda t: t @ t)
-        call = lambda: fn(at).block_until_ready()          # noqa: E731
+        call = lambda: fn(at).block_until_ready()  # noqa: E731
     call()
     times = []
     for _ in range(max(repeat, 5)):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return {"gflops": 2 * MATMUL_N ** 3 / statistics.median(times) / 1e9}
+    return {"gflops": 2 * MATMUL_N**3 / statistics.median(times) / 1e9}
 
 
 def child_main(job_json):
     try:
         result = measure(json.loads(job_json))
-    except Exception as e:                                 # reported in the table, not a crash
+    except Exception as e:  # reported in the table, not a crash
         result = {"error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result), flush=True)
 
 
 # --- the parent: run every measurement in its own process, print the tables ----------------------
 
+
 def run_child(job):
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
-               # glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its
-               # heap, so a warm-up's buffers would be reused unseen by RSS: map every block ≥ 1 MiB
-               MALLOC_MMAP_THRESHOLD_="1048576",
-               # on a loaded machine spinning OpenMP workers (torch) that lose their core stall every
-               # parallel region: measured 10-240 ms instead of 3 ms for one 32×32 block call
-               OMP_WAIT_POLICY="passive")
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="tensorflow",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        # glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its
+        # heap, so a warm-up's buffers would be reused unseen by RSS: map every block ≥ 1 MiB
+        MALLOC_MMAP_THRESHOLD_="1048576",
+        # on a loaded machine spinning OpenMP workers (torch) that lose their core stall every
+        # parallel region: measured 10-240 ms instead of 3 ms for one 32×32 block call
+        OMP_WAIT_POLICY="passive",
+    )
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_one", json.dumps(job)],
-                              capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--_one", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -327,16 +357,20 @@ def _error(result):
 
 
 def table_rows(framework, rows, peak):
-    lines = ["| block | size | naive ms | fast ms | time fast/naive | naive peak MiB | fast peak MiB | "
-             "memory fast/naive | fast GFLOP/s (% of peak) | max rel. diff fast vs naive |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| block | size | naive ms | fast ms | time fast/naive | naive peak MiB | fast peak MiB | "
+        "memory fast/naive | fast GFLOP/s (% of peak) | max rel. diff fast vs naive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for block, size, c, naive, fast in rows:
         naive_ms = naive.get("ms") if "skipped" not in naive and "error" not in naive else None
         fast_ms = fast.get("ms") if "error" not in fast else None
-        cells = [block, f"{size}×{size}",
-                 naive["skipped"] if "skipped" in naive
-                 else _error(naive) if "error" in naive else _cell(naive_ms, ".1f"),
-                 _error(fast) if "error" in fast else _cell(fast_ms, ".1f")]
+        cells = [
+            block,
+            f"{size}×{size}",
+            naive["skipped"] if "skipped" in naive else _error(naive) if "error" in naive else _cell(naive_ms, ".1f"),
+            _error(fast) if "error" in fast else _cell(fast_ms, ".1f"),
+        ]
         both = naive_ms is not None and fast_ms is not None
         cells.append(_cell(fast_ms / naive_ms if both else None, ".3f"))
         cells.append(_cell(naive.get("peak_mib") if naive_ms is not None else None, ".1f"))
@@ -348,8 +382,7 @@ def table_rows(framework, rows, peak):
             cells.append(f"{gflops:.1f} ({100 * gflops / peak:.0f}%)" if peak else f"{gflops:.1f}")
         else:
             cells.append("–")
-        cells.append(_error({"error": fast["check_error"]}) if "check_error" in fast
-                     else _cell(fast.get("err"), ".1e"))
+        cells.append(_error({"error": fast["check_error"]}) if "check_error" in fast else _cell(fast.get("err"), ".1e"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -359,15 +392,18 @@ def installed(framework):
 
 
 def machine():
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor() or platform.machine())
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     return f"{os.cpu_count()} cores, CPU ({model}), {platform.system()} {platform.release()}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--framework", nargs="+", choices=list(FRAMEWORKS), default=None,
-                   help="default: every installed framework")
+    p.add_argument(
+        "--framework", nargs="+", choices=list(FRAMEWORKS), default=None, help="default: every installed framework"
+    )
     p.add_argument("--block", nargs="+", choices=list(BLOCKS), default=list(BLOCKS))
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="H = W (default 16 32 64 128)")
     p.add_argument("--channels", type=int, default=None, help="C (default 256)")
@@ -382,7 +418,7 @@ def main(argv=None):
     c = args.channels or (64 if args.quick else 256)
     frameworks = args.framework or [f for f in FRAMEWORKS if installed(f)]
 
-    jobs = []     # (framework, block, size, impl); block "matmul" for the peak
+    jobs = []  # (framework, block, size, impl); block "matmul" for the peak
     for fw in frameworks:
         jobs.append((fw, "matmul", None, None))
         jobs += [(fw, b, s, impl) for b in args.block for s in sizes for impl in ("naive", "auto")]
@@ -395,22 +431,35 @@ def main(argv=None):
             # the fast/naive check re-runs the naive path: not at 128×128, where that is the costliest
             # run of all; 64×64 (N = 4096) already spans several 1024-query chunks
             check = impl == "auto" and size <= CHECK_MAX_SIZE and not naive_skip_reason(block, size, c)
-            job = {"framework": fw, "block": block, "size": size, "channels": c, "impl": impl,
-                   "repeat": args.repeat, "check": check}
+            job = {
+                "framework": fw,
+                "block": block,
+                "size": size,
+                "channels": c,
+                "impl": impl,
+                "repeat": args.repeat,
+                "check": check,
+            }
             results[fw, block, size, impl] = run_child(job)
         progress.step(f"{fw} {block} {size or ''} {impl or ''}")
 
     command = " ".join(sys.argv[1:] if argv is None else argv)
-    out = [f"nlattn benchmarks — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, "
-           f"median of {args.repeat}", f"command: python benchmarks/bench.py {command}".rstrip()]
+    out = [
+        f"nlattn benchmarks — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, median of {args.repeat}",
+        f"command: python benchmarks/bench.py {command}".rstrip(),
+    ]
     for fw in frameworks:
         mm = results[fw, "matmul", None, None]
         peak = mm.get("gflops")
-        out += ["", f"### {fw}", "",
-                f"matmul peak ({MATMUL_N}×{MATMUL_N} @ {MATMUL_N}×{MATMUL_N} float32): "
-                + (f"{peak:.1f} GFLOP/s" if peak else _error(mm)), ""]
-        rows = [(b, s, c, results[fw, b, s, "naive"], results[fw, b, s, "auto"])
-                for b in args.block for s in sizes]
+        out += [
+            "",
+            f"### {fw}",
+            "",
+            f"matmul peak ({MATMUL_N}×{MATMUL_N} @ {MATMUL_N}×{MATMUL_N} float32): "
+            + (f"{peak:.1f} GFLOP/s" if peak else _error(mm)),
+            "",
+        ]
+        rows = [(b, s, c, results[fw, b, s, "naive"], results[fw, b, s, "auto"]) for b in args.block for s in sizes]
         out += table_rows(fw, rows, peak)
     text = "\n".join(out) + "\n"
     sys.stdout.write(text)

@@ -13,16 +13,25 @@ from .specs import CONFIGS, config_class, make_config
 BLOCKS = CONFIGS
 
 #: the framework-neutral weights API (docs/design.md §2), imported on first use so `import nlattn` stays light
-_WEIGHTS_API = ("Checkpoint", "build", "export_weights", "from_checkpoint", "load_file", "load_weights",
-                "save_weights")
+_WEIGHTS_API = ("Checkpoint", "build", "export_weights", "from_checkpoint", "load_file", "load_weights", "save_weights")
 
 
 def __getattr__(name):
     if name in _WEIGHTS_API:
         from . import weights
+
         return getattr(weights, name)
     raise AttributeError(f"module 'nlattn' has no attribute {name!r}")
 
 
-__all__ = ["BLOCKS", "CONFIGS", "ConfigError", "InputError", "WeightError", "__version__",
-           "config_class", "make_config", *_WEIGHTS_API]
+__all__ = [
+    "BLOCKS",
+    "CONFIGS",
+    "ConfigError",
+    "InputError",
+    "WeightError",
+    "__version__",
+    "config_class",
+    "make_config",
+    *_WEIGHTS_API,
+]

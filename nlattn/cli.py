@@ -25,10 +25,10 @@ def _conformance(args) -> int:
         print(f"unknown framework(s) {unknown}: choose from {sorted(BUILTIN)}", file=sys.stderr)
         return 2
     theirs = []
-    for spec in args.adapter:       # first: a typo should not wait for three frameworks to import
+    for spec in args.adapter:  # first: a typo should not wait for three frameworks to import
         try:
             theirs.append(load_adapter(spec))
-        except Exception as e:   # a user's module: any import-time error is theirs to read
+        except Exception as e:  # a user's module: any import-time error is theirs to read
             print(f"conformance: cannot load adapter {spec!r}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
     adapters, missing = available_adapters(names)
@@ -42,8 +42,9 @@ def _conformance(args) -> int:
         print("no case matches", file=sys.stderr)
         return 2
     try:
-        results = run_conformance(adapters, cases, progress=not args.no_progress,
-                                  **({"golden_dir": Path(args.golden)} if args.golden else {}))
+        results = run_conformance(
+            adapters, cases, progress=not args.no_progress, **({"golden_dir": Path(args.golden)} if args.golden else {})
+        )
     except GoldenError as e:
         print(f"conformance: golden vectors unusable: {e}", file=sys.stderr)
         return 3
@@ -102,12 +103,11 @@ def _convert(args) -> int:
         return 1
     try:
         fmt = write_checkpoint(ckpt, args.dst)
-    except Exception as e:   # a full disk, a vanished directory, the writer's own errors: one line
+    except Exception as e:  # a full disk, a vanished directory, the writer's own errors: one line
         print(f"convert: cannot write {args.dst}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(ckpt.summary())
-    print(f"wrote {len(ckpt.weights)} tensors to {args.dst} ({FORMATS[fmt][0]}); read it back with: "
-          f"{LOAD_HINTS[fmt]}")
+    print(f"wrote {len(ckpt.weights)} tensors to {args.dst} ({FORMATS[fmt][0]}); read it back with: {LOAD_HINTS[fmt]}")
     return 0
 
 
@@ -115,28 +115,47 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nlattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("conformance", help="check every framework against the float64 reference")
-    c.add_argument("--framework", action="append", help="numpy, torch, keras or flax (repeatable; "
-                   "default: every one installed)")
-    c.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
-                   help="a third-party adapter to check as well")
+    c.add_argument(
+        "--framework", action="append", help="numpy, torch, keras or flax (repeatable; default: every one installed)"
+    )
+    c.add_argument(
+        "--adapter", action="append", default=[], metavar="MODULE:CLASS", help="a third-party adapter to check as well"
+    )
     c.add_argument("--block", action="append", help="only this block class (repeatable)")
     c.add_argument("--case", action="append", help="only cases whose id contains this (repeatable)")
     c.add_argument("--golden", metavar="DIR", help="golden vectors to check against (default: the packaged ones)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_conformance)
-    g = sub.add_parser("golden", help="regenerate the golden vectors from the reference "
-                       "(a deliberate change of semantics: review the diff)")
+    g = sub.add_parser(
+        "golden",
+        help="regenerate the golden vectors from the reference (a deliberate change of semantics: review the diff)",
+    )
     g.set_defaults(func=_golden)
-    v = sub.add_parser("convert", help="convert a published or canonical checkpoint to canonical "
-                       ".safetensors, a torch .pt state dict, Keras .weights.h5 or a Flax .msgpack")
+    v = sub.add_parser(
+        "convert",
+        help="convert a published or canonical checkpoint to canonical "
+        ".safetensors, a torch .pt state dict, Keras .weights.h5 or a Flax .msgpack",
+    )
     v.add_argument("src", metavar="SRC", help="checkpoint file (.safetensors, .pt/.pth, .pkl, .npz)")
-    v.add_argument("dst", metavar="DST", help="output file: .safetensors (canonical, with metadata), "
-                   ".pt/.pth (torch state dict), .weights.h5 (Keras) or .msgpack (Flax nnx state)")
-    v.add_argument("--source", help="published source naming: alexhex7, caffe2, timm, danet, sagan, "
-                   "ccnet, rga, cfpnet (default: SRC is already canonical)")
+    v.add_argument(
+        "dst",
+        metavar="DST",
+        help="output file: .safetensors (canonical, with metadata), "
+        ".pt/.pth (torch state dict), .weights.h5 (Keras) or .msgpack (Flax nnx state)",
+    )
+    v.add_argument(
+        "--source",
+        help="published source naming: alexhex7, caffe2, timm, danet, sagan, "
+        "ccnet, rga, cfpnet (default: SRC is already canonical)",
+    )
     v.add_argument("--block", help="block class name when SRC holds canonical names without nlattn metadata")
-    v.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="constructor keyword (repeatable), e.g. --config mode=dot_product")
+    v.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="constructor keyword (repeatable), e.g. --config mode=dot_product",
+    )
     v.add_argument("--prefix", help="key prefix of the block inside a bigger checkpoint")
     v.set_defaults(func=_convert)
     args = parser.parse_args(argv)

@@ -31,10 +31,16 @@ from .errors import ConfigError, InputError, WeightError
 
 #: Tensor kinds. Layout is PyTorch's: conv kernels (out, in/groups, *k), dense (out, in).
 KINDS = (
-    "conv_kernel", "conv_bias",
-    "dense_kernel", "dense_bias",
-    "bn_weight", "bn_bias", "bn_mean", "bn_var",
-    "norm_weight", "norm_bias",
+    "conv_kernel",
+    "conv_bias",
+    "dense_kernel",
+    "dense_bias",
+    "bn_weight",
+    "bn_bias",
+    "bn_mean",
+    "bn_var",
+    "norm_weight",
+    "norm_bias",
     "param",
 )
 
@@ -42,6 +48,7 @@ KINDS = (
 @dataclass(frozen=True)
 class Uniform:
     """Initialise from U(low, high) (a published init the frameworks' defaults do not give)."""
+
     low: float
     high: float
 
@@ -56,19 +63,22 @@ class Tensor:
 @dataclass(frozen=True)
 class Conv:
     """Convolution, ``weight`` (out, in/groups, *kernel_size) and optional ``bias`` (out,)."""
+
     prefix: str
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, ...]
     bias: bool = True
     groups: int = 1
-    padding: tuple[int, ...] | None = None   # None: no padding ("valid")
-    zero_init: bool = False                  # kernel and bias start at 0 (else the framework's init)
+    padding: tuple[int, ...] | None = None  # None: no padding ("valid")
+    zero_init: bool = False  # kernel and bias start at 0 (else the framework's init)
 
     def tensors(self) -> Iterator[Tensor]:
-        yield Tensor(f"{self.prefix}.weight",
-                     (self.out_channels, self.in_channels // self.groups, *self.kernel_size),
-                     "conv_kernel")
+        yield Tensor(
+            f"{self.prefix}.weight",
+            (self.out_channels, self.in_channels // self.groups, *self.kernel_size),
+            "conv_kernel",
+        )
         if self.bias:
             yield Tensor(f"{self.prefix}.bias", (self.out_channels,), "conv_bias")
 
@@ -76,11 +86,12 @@ class Conv:
 @dataclass(frozen=True)
 class BatchNorm:
     """Batch norm over axis 1 (channels-first); eps and momentum in PyTorch's convention."""
+
     prefix: str
     num_features: int
     eps: float = 1e-5
     momentum: float = 0.1
-    zero_init: bool = False                  # weight (γ) and bias (β) start at 0 (else 1 and 0)
+    zero_init: bool = False  # weight (γ) and bias (β) start at 0 (else 1 and 0)
 
     def tensors(self) -> Iterator[Tensor]:
         n = (self.num_features,)
@@ -93,6 +104,7 @@ class BatchNorm:
 @dataclass(frozen=True)
 class Dense:
     """Linear layer, ``weight`` (out, in) and ``bias`` (out,)."""
+
     prefix: str
     in_features: int
     out_features: int
@@ -119,9 +131,10 @@ class GroupNorm:
 @dataclass(frozen=True)
 class Param:
     """A free tensor used as is (EVC's codewords, layer scales), with its published init."""
+
     name: str
     shape: tuple[int, ...]
-    init: float | Uniform   # a constant, or a uniform range
+    init: float | Uniform  # a constant, or a uniform range
 
     def tensors(self) -> Iterator[Tensor]:
         yield Tensor(self.name, self.shape, "param")
@@ -133,6 +146,7 @@ class Gate(Param):
 
     A ``Param`` to every framework but Keras, which realises it as a ``Scale`` sublayer.
     """
+
     shape: tuple[int, ...] = (1,)
     init: float | Uniform = 0.0
 
@@ -150,14 +164,12 @@ def tensors(schema: Sequence[Layer]) -> dict[str, Tensor]:
     return {t.name: t for layer in schema for t in layer.tensors()}
 
 
-def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
-                  *, allow_missing: bool = False) -> None:
+def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any], *, allow_missing: bool = False) -> None:
     """Raise one WeightError listing every missing, extra, mis-shaped, non-float or non-finite tensor."""
     expected = tensors(schema)
     problems = []
     if not allow_missing:
-        problems += [f"missing {n!r} (expected shape {t.shape})" for n, t in expected.items()
-                     if n not in weights]
+        problems += [f"missing {n!r} (expected shape {t.shape})" for n, t in expected.items() if n not in weights]
     problems += [f"unexpected {n!r}" for n in weights if n not in expected]
     for name, value in weights.items():
         if name not in expected:
@@ -175,8 +187,9 @@ def check_weights(block: str, schema: Sequence[Layer], weights: dict[str, Any],
         raise WeightError(block, problems)
 
 
-def check_model_weights(name: str, blocks: Sequence[tuple[str, BlockConfig]],
-                        weights: dict[str, Any]) -> list[dict[str, Any]]:
+def check_model_weights(
+    name: str, blocks: Sequence[tuple[str, BlockConfig]], weights: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Each block's own weights out of a model's flat canonical dict, all checked before any is used.
 
     ``blocks`` lists (path, spec) of every nlattn block in the model (path "" for a lone block,
@@ -187,7 +200,7 @@ def check_model_weights(name: str, blocks: Sequence[tuple[str, BlockConfig]],
     problems, owned, claimed = [], [], set[str]()
     for path, spec in blocks:
         prefix = f"{path}." if path else ""
-        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         claimed.update(prefix + k for k in own)
         try:
             check_weights(spec.block, spec.schema(), own)
@@ -244,6 +257,7 @@ def random_weights(schema: Sequence[Layer], rng) -> dict[str, np.ndarray]:
 # Configs
 # --------------------------------------------------------------------------------------------
 
+
 def _fail(block: str, message: str):
     raise ConfigError(f"{block}: {message}")
 
@@ -269,8 +283,11 @@ def _typed(block: str, name: str, annotation: str, value):
             return int(value)
         _fail(block, f"{name} must be an integer, got {value!r}")
     if kind == "float":
-        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-                and math.isfinite(value):
+        if (
+            isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value)
+        ):
             return value if isinstance(value, (int, float)) else value.item()
         _fail(block, f"{name} must be a finite number, got {value!r}")
     if kind == "str":
@@ -361,8 +378,9 @@ class BlockConfig:
         rank = 2 + self.spatial_dims
         layout = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.spatial_dims]
         if len(shape) != rank:
-            raise InputError(f"{self.block}: expected a rank-{rank} input {layout} "
-                             f"(channels-first order), got shape {shape}")
+            raise InputError(
+                f"{self.block}: expected a rank-{rank} input {layout} (channels-first order), got shape {shape}"
+            )
         c = self.expected_channels()
         if c is not None and shape[1] != c:
             raise InputError(f"{self.block}: expected {c} channels, got {shape[1]} (input shape {shape})")
@@ -373,8 +391,9 @@ class BlockConfig:
             raise InputError(f"{self.block}: empty spatial size {spatial}")
         fixed = self.fixed_spatial_size
         if fixed is not None and tuple(spatial) != fixed:
-            raise InputError(f"{self.block}: built for spatial size {fixed} "
-                             f"(its weights mix the positions), got {tuple(spatial)}")
+            raise InputError(
+                f"{self.block}: built for spatial size {fixed} (its weights mix the positions), got {tuple(spatial)}"
+            )
 
 
 def check_float_dtype(block: str, dtype) -> None:
@@ -406,14 +425,14 @@ DEFAULT_QUERY_CHUNK_SIZE = 1024
 @dataclass
 class Arguments:
     """A block constructor's arguments, sorted: the config's fields and the framework's keywords."""
+
     config: dict[str, Any]
     implementation: str
-    query_chunk_size: int | None   # None where the framework's block takes no such keyword
-    rest: dict[str, Any]           # the framework's own keywords (dtype, rngs, data_format, ...)
+    query_chunk_size: int | None  # None where the framework's block takes no such keyword
+    rest: dict[str, Any]  # the framework's own keywords (dtype, rngs, data_format, ...)
 
 
-def parse_arguments(cls: type[BlockConfig], args: tuple, kwargs: dict[str, Any], *,
-                    chunked: bool) -> Arguments:
+def parse_arguments(cls: type[BlockConfig], args: tuple, kwargs: dict[str, Any], *, chunked: bool) -> Arguments:
     """Bind a block constructor's positional arguments to the config's fields in their order and
     check ``implementation`` (and ``query_chunk_size`` where ``chunked`` and the block has a
     chunked path); the config itself is validated by the caller (Keras may lack in_channels).
@@ -421,8 +440,9 @@ def parse_arguments(cls: type[BlockConfig], args: tuple, kwargs: dict[str, Any],
     block = cls.block
     fields = [f.name for f in dataclasses.fields(cls)]
     if len(args) > len(fields):
-        raise TypeError(f"{block}() takes at most {len(fields)} positional arguments "
-                        f"({', '.join(fields)}), got {len(args)}")
+        raise TypeError(
+            f"{block}() takes at most {len(fields)} positional arguments ({', '.join(fields)}), got {len(args)}"
+        )
     rest = dict(kwargs)
     config = dict(zip(fields, args))
     for name in [k for k in rest if k in fields]:
@@ -431,8 +451,7 @@ def parse_arguments(cls: type[BlockConfig], args: tuple, kwargs: dict[str, Any],
         config[name] = rest.pop(name)
     implementation = rest.pop("implementation", "auto")
     if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-        raise ConfigError(f"{block}: implementation must be one of {IMPLEMENTATIONS}, "
-                          f"got {implementation!r}")
+        raise ConfigError(f"{block}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     chunk = None
     if chunked and cls.query_chunked:
         chunk = rest.pop("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE)
@@ -447,8 +466,10 @@ def config_signature(cls: type[BlockConfig], *keywords: tuple[str, Any]):
     import inspect
 
     params = list(inspect.signature(cls).parameters.values())
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-               for name, default in (("implementation", "auto"), *keywords)]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in (("implementation", "auto"), *keywords)
+    ]
     return inspect.Signature(params)
 
 
@@ -496,8 +517,11 @@ class NonLocalConfig(BlockConfig):
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and self.scale > 0):
             _fail(b, f"scale must be None or a positive number, got {self.scale!r}")
         if self.mode == "concatenation" and (self.num_heads != 1 or self.scale is not None):
-            _fail(b, "mode='concatenation' takes neither num_heads > 1 nor scale "
-                     "(its relation is ReLU(w·[θ; φ]), not a dot product)")
+            _fail(
+                b,
+                "mode='concatenation' takes neither num_heads > 1 nor scale "
+                "(its relation is ReLU(w·[θ; φ]), not a dot product)",
+            )
         if self.mode == "gaussian" and (self.share_query_key or self.pool_first):
             _fail(b, "mode='gaussian' has no θ/φ convs, so share_query_key and pool_first do not apply")
         for name, width in (("embedding width", self.embed_channels), ("value width", self.value_width)):
@@ -540,8 +564,10 @@ class NonLocalConfig(BlockConfig):
     def check_spatial(self, spatial):
         super().check_spatial(spatial)
         if self.sub_sample and any(s < p for s, p in zip(spatial, self.pool_window)):
-            raise InputError(f"{self.block}: sub_sample max-pools by {self.pool_window}, so every "
-                             f"spatial size must be at least that; got {spatial}")
+            raise InputError(
+                f"{self.block}: sub_sample max-pools by {self.pool_window}, so every "
+                f"spatial size must be at least that; got {spatial}"
+            )
 
 
 @dataclass(frozen=True)
@@ -564,9 +590,14 @@ class NonLocalBlock3DConfig(NonLocalConfig):
 
 # --- SAGAN / DANet / CCNet ------------------------------------------------------------------------
 
+
 def _qkv_schema(c: int, cq: int) -> tuple[Layer, ...]:
-    return (Conv("query_conv", c, cq, (1, 1)), Conv("key_conv", c, cq, (1, 1)),
-            Conv("value_conv", c, c, (1, 1)), Gate("gamma"))
+    return (
+        Conv("query_conv", c, cq, (1, 1)),
+        Conv("key_conv", c, cq, (1, 1)),
+        Conv("value_conv", c, c, (1, 1)),
+        Gate("gamma"),
+    )
 
 
 @dataclass(frozen=True)
@@ -578,8 +609,11 @@ class _QKVConfig(BlockConfig):
         _positive_int(self.block, "in_channels", self.in_channels)
         _positive_int(self.block, "qk_ratio", self.qk_ratio)
         if self.in_channels // self.qk_ratio < 1:
-            _fail(self.block, f"in_channels // qk_ratio must be >= 1 (query/key width), got "
-                              f"{self.in_channels} // {self.qk_ratio} = 0; use in_channels >= {self.qk_ratio}")
+            _fail(
+                self.block,
+                f"in_channels // qk_ratio must be >= 1 (query/key width), got "
+                f"{self.in_channels} // {self.qk_ratio} = 0; use in_channels >= {self.qk_ratio}",
+            )
 
     @property
     def qk_channels(self) -> int:
@@ -592,6 +626,7 @@ class _QKVConfig(BlockConfig):
 @dataclass(frozen=True)
 class SelfAttentionConfig(_QKVConfig):
     """SAGAN self-attention: y = γ·softmax(QᵀK)-weighted V + x."""
+
     block: ClassVar[str] = "SelfAttention"
     attention: ClassVar[str] = "(B, N, N), rows are queries"
     fast_path: ClassVar[bool] = True
@@ -601,6 +636,7 @@ class SelfAttentionConfig(_QKVConfig):
 @dataclass(frozen=True)
 class PositionAttentionConfig(_QKVConfig):
     """DANet position attention module (PAM)."""
+
     block: ClassVar[str] = "PositionAttention"
     attention: ClassVar[str] = "(B, N, N), rows are queries"
     fast_path: ClassVar[bool] = True
@@ -610,6 +646,7 @@ class PositionAttentionConfig(_QKVConfig):
 @dataclass(frozen=True)
 class CrissCrossAttentionConfig(_QKVConfig):
     """CCNet criss-cross attention, applied ``recurrence`` times with the same weights."""
+
     block: ClassVar[str] = "CrissCrossAttention"
     attention: ClassVar[str] = "(B, H, W, H + W) of the last pass: column (H) then row (W)"
     recurrence: int = 1
@@ -622,6 +659,7 @@ class CrissCrossAttentionConfig(_QKVConfig):
 @dataclass(frozen=True)
 class ChannelAttentionConfig(BlockConfig):
     """DANet channel attention module (CAM); has no convs, so in_channels is optional."""
+
     block: ClassVar[str] = "ChannelAttention"
     attention: ClassVar[str] = "(B, C, C)"
     in_channels: int | None = None
@@ -636,9 +674,11 @@ class ChannelAttentionConfig(BlockConfig):
 
 # --- RGA ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RelationAwareAttentionConfig(BlockConfig):
     """Relation-aware global attention (RGA-S / RGA-C / RGA-SC); names follow the published module."""
+
     block: ClassVar[str] = "RelationAwareAttention"
     attention: ClassVar[str] = "relations of the first branch: spatial (B, N, N), else channel (B, C, C)"
     in_channels: int
@@ -656,20 +696,21 @@ class RelationAwareAttentionConfig(BlockConfig):
         _positive_int(b, "in_channels", self.in_channels)
         for n in ("cha_ratio", "spa_ratio", "down_ratio"):
             _positive_int(b, n, getattr(self, n))
-        if (not isinstance(self.spatial_size, tuple) or len(self.spatial_size) != 2
-                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.spatial_size)):
+        if (
+            not isinstance(self.spatial_size, tuple)
+            or len(self.spatial_size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.spatial_size)
+        ):
             _fail(b, f"spatial_size must be (H, W) with positive integers, got {self.spatial_size!r}")
         if not (self.use_spatial or self.use_channel):
             _fail(b, "at least one of use_spatial and use_channel must be True")
         checks = []
         if self.use_spatial or self.use_channel:
-            checks += [("in_channels // cha_ratio", self.inter_channel),
-                       ("H*W // spa_ratio", self.inter_spatial)]
+            checks += [("in_channels // cha_ratio", self.inter_channel), ("H*W // spa_ratio", self.inter_spatial)]
         if self.use_spatial:
             checks.append(("(1 + H*W // spa_ratio) // down_ratio", (1 + self.inter_spatial) // self.down_ratio))
         if self.use_channel:
-            checks.append(("(1 + in_channels // cha_ratio) // down_ratio",
-                           (1 + self.inter_channel) // self.down_ratio))
+            checks.append(("(1 + in_channels // cha_ratio) // down_ratio", (1 + self.inter_channel) // self.down_ratio))
         for what, value in checks:
             if value < 1:
                 _fail(b, f"{what} gives {value} channels; choose smaller ratios or a larger input")
@@ -686,15 +727,19 @@ class RelationAwareAttentionConfig(BlockConfig):
     def inter_spatial(self) -> int:
         return self.in_spatial // self.spa_ratio
 
-    def _cbr(self, prefix, cin, cout):   # 1×1 conv (no bias) + BN [+ ReLU, which has no weights]
-        return [Conv(f"{prefix}.0", cin, cout, (1, 1), bias=False),
-                BatchNorm(f"{prefix}.1", cout, self.bn_eps, self.bn_momentum)]
+    def _cbr(self, prefix, cin, cout):  # 1×1 conv (no bias) + BN [+ ReLU, which has no weights]
+        return [
+            Conv(f"{prefix}.0", cin, cout, (1, 1), bias=False),
+            BatchNorm(f"{prefix}.1", cout, self.bn_eps, self.bn_momentum),
+        ]
 
-    def _gate(self, prefix, cin):         # W_*: cbr → ReLU → conv → BN(1)
+    def _gate(self, prefix, cin):  # W_*: cbr → ReLU → conv → BN(1)
         mid = cin // self.down_ratio
-        return [*self._cbr(prefix, cin, mid),
-                Conv(f"{prefix}.3", mid, 1, (1, 1), bias=False),
-                BatchNorm(f"{prefix}.4", 1, self.bn_eps, self.bn_momentum)]
+        return [
+            *self._cbr(prefix, cin, mid),
+            Conv(f"{prefix}.3", mid, 1, (1, 1), bias=False),
+            BatchNorm(f"{prefix}.4", 1, self.bn_eps, self.bn_momentum),
+        ]
 
     def schema(self):
         c, n, ci, ni = self.in_channels, self.in_spatial, self.inter_channel, self.inter_spatial
@@ -720,14 +765,16 @@ class RelationAwareAttentionConfig(BlockConfig):
 
     @property
     def fixed_spatial_size(self) -> tuple[int, ...]:
-        return self.spatial_size      # its convs mix the H*W positions
+        return self.spatial_size  # its convs mix the H*W positions
 
 
 # --- EVC ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ExplicitVisualCenterConfig(BlockConfig):
     """CFPNet explicit visual center (in = out channels). Names follow the published EVCBlock."""
+
     block: ClassVar[str] = "ExplicitVisualCenter"
     attention: ClassVar[str] = "soft assignment of positions to codewords (B, N, K)"
     in_channels: int
@@ -744,7 +791,7 @@ class ExplicitVisualCenterConfig(BlockConfig):
 
     def validate(self):
         b = self.block
-        _positive_int(b, "in_channels", self.in_channels, minimum=4)   # the bottleneck uses C // 4
+        _positive_int(b, "in_channels", self.in_channels, minimum=4)  # the bottleneck uses C // 4
         _positive_int(b, "num_codes", self.num_codes)
         _positive_int(b, "mlp_ratio", self.mlp_ratio)
 
@@ -754,20 +801,29 @@ class ExplicitVisualCenterConfig(BlockConfig):
         bn = lambda p, n, eps=e: BatchNorm(p, n, eps, m)  # noqa: E731
         cb = "lvc.conv_1"
         return (
-            Conv("conv1", c, c, (7, 7), bias=False, padding=(3, 3)), bn("bn1", c),
-            Conv(f"{cb}.conv1", c, q, (1, 1), bias=False), bn(f"{cb}.bn1", q, ce),
-            Conv(f"{cb}.conv2", q, q, (3, 3), bias=False, padding=(1, 1)), bn(f"{cb}.bn2", q, ce),
-            Conv(f"{cb}.conv3", q, c, (1, 1), bias=False), bn(f"{cb}.bn3", c, ce),
-            Conv(f"{cb}.residual_conv", c, c, (1, 1), bias=False), bn(f"{cb}.residual_bn", c, ce),
-            Conv("lvc.LVC.0", c, c, (1, 1), bias=False), bn("lvc.LVC.1", c),
+            Conv("conv1", c, c, (7, 7), bias=False, padding=(3, 3)),
+            bn("bn1", c),
+            Conv(f"{cb}.conv1", c, q, (1, 1), bias=False),
+            bn(f"{cb}.bn1", q, ce),
+            Conv(f"{cb}.conv2", q, q, (3, 3), bias=False, padding=(1, 1)),
+            bn(f"{cb}.bn2", q, ce),
+            Conv(f"{cb}.conv3", q, c, (1, 1), bias=False),
+            bn(f"{cb}.bn3", c, ce),
+            Conv(f"{cb}.residual_conv", c, c, (1, 1), bias=False),
+            bn(f"{cb}.residual_bn", c, ce),
+            Conv("lvc.LVC.0", c, c, (1, 1), bias=False),
+            bn("lvc.LVC.1", c),
             # the encoding layer's init: codewords U(±1/√(KC)), negative smoothing scales U(-1, 0)
-            Param("lvc.LVC.3.codewords", (k, c), init=Uniform(-(k * c) ** -0.5, (k * c) ** -0.5)),
+            Param("lvc.LVC.3.codewords", (k, c), init=Uniform(-((k * c) ** -0.5), (k * c) ** -0.5)),
             Param("lvc.LVC.3.scale", (k,), init=Uniform(-1.0, 0.0)),
             BatchNorm("lvc.LVC.4", k, self.encoding_bn_eps, self.encoding_bn_momentum),
             Dense("lvc.fc.0", c, c),
-            Conv("l_MLP.dw.dconv.conv", c, c, (1, 1), bias=False, groups=c), bn("l_MLP.dw.dconv.bn", c),
-            Conv("l_MLP.dw.pconv.conv", c, c, (1, 1), bias=False), bn("l_MLP.dw.pconv.bn", c),
-            GroupNorm("l_MLP.norm1", c, 1, self.gn_eps), GroupNorm("l_MLP.norm2", c, 1, self.gn_eps),
+            Conv("l_MLP.dw.dconv.conv", c, c, (1, 1), bias=False, groups=c),
+            bn("l_MLP.dw.dconv.bn", c),
+            Conv("l_MLP.dw.pconv.conv", c, c, (1, 1), bias=False),
+            bn("l_MLP.dw.pconv.bn", c),
+            GroupNorm("l_MLP.norm1", c, 1, self.gn_eps),
+            GroupNorm("l_MLP.norm2", c, 1, self.gn_eps),
             Conv("l_MLP.mlp.fc1", c, c * self.mlp_ratio, (1, 1)),
             Conv("l_MLP.mlp.fc2", c * self.mlp_ratio, c, (1, 1)),
             Param("l_MLP.layer_scale_1", (c,), init=self.layer_scale_init),
@@ -782,8 +838,8 @@ class ExplicitVisualCenterConfig(BlockConfig):
 NL_MEANS_DISTANCE_CUTOFF = 5.0
 # scikit-image's fast_exp (skimage/_shared/fast_exp.h, after Schraudolph 1999): the upper 32 bits
 # of a float64 are set to trunc(FAST_EXP_A·y) + FAST_EXP_BC, the lower 32 bits to 0
-FAST_EXP_A = 1512775.3951951856938   # 2**20 / ln 2
-FAST_EXP_BC = 1072632447             # 1023·2**20 − 60801 (the min-RMS-error variant)
+FAST_EXP_A = 1512775.3951951856938  # 2**20 / ln 2
+FAST_EXP_BC = 1072632447  # 1023·2**20 − 60801 (the min-RMS-error variant)
 
 
 @dataclass(frozen=True)
@@ -793,6 +849,7 @@ class NonLocalMeansConfig(BlockConfig):
     Input (B, C, H, W); the C channels of one image share their patch weights, like scikit-image's
     ``channel_axis``. ``sigma`` is the noise standard deviation subtracted in the patch distance.
     """
+
     block: ClassVar[str] = "NonLocalMeans"
     patch_size: int = 7
     patch_distance: int = 11
@@ -832,13 +889,16 @@ class NonLocalMeansConfig(BlockConfig):
         super().check_spatial(spatial)
         # reflect padding by patch_size // 2 needs more than that many pixels on each side
         if any(s <= self.patch_size // 2 for s in spatial):
-            raise InputError(f"{self.block}: every spatial size must exceed patch_size // 2 = "
-                             f"{self.patch_size // 2} (reflect padding), got {tuple(spatial)}")
+            raise InputError(
+                f"{self.block}: every spatial size must exceed patch_size // 2 = "
+                f"{self.patch_size // 2} (reflect padding), got {tuple(spatial)}"
+            )
 
 
 @dataclass(frozen=True)
 class ScaleConfig(BlockConfig):
     """y = gamma * x with a trainable scalar gamma (SAGAN / DANet residual gate)."""
+
     block: ClassVar[str] = "Scale"
     init: float = 0.0
 
@@ -855,11 +915,19 @@ class ScaleConfig(BlockConfig):
 # --------------------------------------------------------------------------------------------
 
 CONFIGS: dict[str, type[BlockConfig]] = {
-    cls.block: cls for cls in (
-        NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig,
-        SelfAttentionConfig, PositionAttentionConfig, ChannelAttentionConfig,
-        CrissCrossAttentionConfig, RelationAwareAttentionConfig, ExplicitVisualCenterConfig,
-        NonLocalMeansConfig, ScaleConfig,
+    cls.block: cls
+    for cls in (
+        NonLocalBlock1DConfig,
+        NonLocalBlock2DConfig,
+        NonLocalBlock3DConfig,
+        SelfAttentionConfig,
+        PositionAttentionConfig,
+        ChannelAttentionConfig,
+        CrissCrossAttentionConfig,
+        RelationAwareAttentionConfig,
+        ExplicitVisualCenterConfig,
+        NonLocalMeansConfig,
+        ScaleConfig,
     )
 }
 

@@ -38,7 +38,8 @@ class TorchDriver:
         import torch
 
         import nlattn.torch as nt
-        torch.set_float32_matmul_precision("highest")   # no TF32 (docs/design.md §5)
+
+        torch.set_float32_matmul_precision("highest")  # no TF32 (docs/design.md §5)
         self.module, self.torch = nt, torch
 
     def make(self, block, config, name=None, **kw):
@@ -62,8 +63,7 @@ class TorchDriver:
     def container(self, children: dict, name=None):
         """A model holding ``children`` (nested dicts are nested models), at their keys."""
         nn = self.torch.nn
-        return nn.ModuleDict({k: v if isinstance(v, nn.Module) else self.container(v)
-                              for k, v in children.items()})
+        return nn.ModuleDict({k: v if isinstance(v, nn.Module) else self.container(v) for k, v in children.items()})
 
     def not_a_block(self):
         return self.torch.nn.Linear(2, 2)
@@ -76,6 +76,7 @@ class KerasDriver:
         import keras
 
         import nlattn.tf as nk
+
         self.module, self.keras = nk, keras
 
     def make(self, block, config, name=None, **kw):
@@ -88,8 +89,9 @@ class KerasDriver:
     def run(self, block, x, return_attention=False, training=False):
         out = block(self.native_input(x), training=training, **_attention(return_attention))
         if return_attention:
-            return to_first(self.keras.ops.convert_to_numpy(out[0])), \
-                np.asarray(self.keras.ops.convert_to_numpy(out[1]), np.float64)
+            return to_first(self.keras.ops.convert_to_numpy(out[0])), np.asarray(
+                self.keras.ops.convert_to_numpy(out[1]), np.float64
+            )
         return to_first(self.keras.ops.convert_to_numpy(out))
 
     def native_input(self, x):
@@ -105,8 +107,10 @@ class KerasDriver:
                 for key, kid in kids.items():
                     setattr(self, key, kid)
 
-        return Container({k: v if isinstance(v, keras.layers.Layer) else self.container(v, name=k)
-                          for k, v in children.items()}, name)
+        return Container(
+            {k: v if isinstance(v, keras.layers.Layer) else self.container(v, name=k) for k, v in children.items()},
+            name,
+        )
 
     def not_a_block(self):
         return self.keras.layers.Dense(2)
@@ -120,6 +124,7 @@ class FlaxDriver:
         from flax import nnx
 
         import nlattn.jax as nj
+
         jax.config.update("jax_default_matmul_precision", "float32")
         self.module, self.nnx, self.jax = nj, nnx, jax
 
@@ -139,7 +144,7 @@ class FlaxDriver:
         return to_first(out)
 
     def native_input(self, x):
-        return to_last(np.asarray(x))       # NumPy as is: jnp.asarray would make int64 int32
+        return to_last(np.asarray(x))  # NumPy as is: jnp.asarray would make int64 int32
 
     def container(self, children: dict, name=None):
         nnx = self.nnx
@@ -149,8 +154,7 @@ class FlaxDriver:
                 for key, kid in kids.items():
                     setattr(self, key, kid)
 
-        return Container({k: v if isinstance(v, nnx.Module) else self.container(v)
-                          for k, v in children.items()})
+        return Container({k: v if isinstance(v, nnx.Module) else self.container(v) for k, v in children.items()})
 
     def not_a_block(self):
         return self.nnx.Linear(2, 2, rngs=self.nnx.Rngs(0))

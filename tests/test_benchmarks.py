@@ -44,21 +44,35 @@ def test_quick_benchmark_table_parses_and_fast_matches_naive(bench, monkeypatch,
     pytest.importorskip("torch")
     monkeypatch.setattr(bench, "run_child", bench.measure)
     out = tmp_path / "table.md"
-    bench.main(["--quick", "--framework", "torch", "--block", "dot_product", "--sizes", "16",
-                "--repeat", "1", "--out", str(out)])
+    bench.main(
+        [
+            "--quick",
+            "--framework",
+            "torch",
+            "--block",
+            "dot_product",
+            "--sizes",
+            "16",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     text = out.read_text()
     assert "matmul peak" in text and "GFLOP/s" in text
     rows = parse_tables(text)["torch"]
     assert [(r["block"], r["size"]) for r in rows] == [("dot_product", "16×16")]
     row = rows[0]
     assert not any(v.startswith("error") for v in row.values()), row
-    float(row["naive ms"]), float(row["fast ms"]), float(row["fast peak MiB"])   # numbers, not errors
+    float(row["naive ms"]), float(row["fast ms"]), float(row["fast peak MiB"])  # numbers, not errors
     assert float(row["max rel. diff fast vs naive"]) <= 1e-5
 
 
 def test_a_failed_measurement_is_reported_not_raised(bench):
-    result = bench.run_child({"framework": "torch", "block": "no_such_block", "size": 16,
-                              "channels": 8, "impl": "auto", "repeat": 1})
+    result = bench.run_child(
+        {"framework": "torch", "block": "no_such_block", "size": 16, "channels": 8, "impl": "auto", "repeat": 1}
+    )
     assert result["error"].startswith("KeyError")
     assert bench._error(result).startswith("error: KeyError")
 

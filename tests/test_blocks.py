@@ -38,8 +38,7 @@ def test_every_builtin_column_is_available():
     assert not _MISSING
 
 
-@pytest.mark.parametrize("adapter, case, dtype, check", JOBS,
-                         ids=[f"{a}-{c.id}-{chk}-{d}" for a, c, d, chk in JOBS])
+@pytest.mark.parametrize("adapter, case, dtype, check", JOBS, ids=[f"{a}-{c.id}-{chk}-{d}" for a, c, d, chk in JOBS])
 def test_conformance(adapter, case, dtype, check):
     result = run_check(ADAPTERS[adapter], case, dtype, check)
     assert result.passed, result.describe()
@@ -57,11 +56,14 @@ def test_every_framework_has_a_fast_and_a_naive_column_for_every_block():
 # construction: the same keywords, registry and errors everywhere
 # ---------------------------------------------------------------------------------------------
 
+
 def test_registry_is_the_spec(fw):
     assert list(fw.module.BLOCKS) == list(nlattn.BLOCKS)
     assert all(getattr(fw.module, name) is cls for name, cls in fw.module.BLOCKS.items())
-    assert all(issubclass(cls, fw.module.Block) and cls.config_class is nlattn.BLOCKS[name]
-               for name, cls in fw.module.BLOCKS.items())
+    assert all(
+        issubclass(cls, fw.module.Block) and cls.config_class is nlattn.BLOCKS[name]
+        for name, cls in fw.module.BLOCKS.items()
+    )
     assert set(fw.module.__all__) == {"BLOCKS", "Block", "blocks", "export_weights", "load_weights", *nlattn.BLOCKS}
 
 
@@ -70,7 +72,7 @@ def test_every_config_field_is_a_keyword_and_binds_positionally(fw, block):
     cls, case = fw.module.BLOCKS[block], ONE_CASE_PER_BLOCK[block]
     fields = list(case.spec.to_dict())
     params = inspect.signature(cls).parameters
-    assert list(params)[:len(fields)] == fields
+    assert list(params)[: len(fields)] == fields
     assert "implementation" in params
     m = fw.make(block, case.spec.to_dict())
     assert m.spec == case.spec
@@ -90,12 +92,12 @@ def test_config_errors_name_the_block_and_the_field(fw):
     with pytest.raises(ConfigError, match="ChannelAttention.*unknown option.*colour"):
         fw.module.ChannelAttention(colour="red")
     with pytest.raises(ConfigError, match="ChannelAttention.*unknown option.*query_chunk_size"):
-        fw.module.ChannelAttention(query_chunk_size=4)     # no chunked path, no chunk size
+        fw.module.ChannelAttention(query_chunk_size=4)  # no chunked path, no chunk size
     with pytest.raises(ConfigError, match="Scale: init must be a finite number"):
         fw.module.Scale(init="abc")
     assert fw.make("SelfAttention", dict(in_channels=16)).implementation == "auto"
     assert fw.make("ChannelAttention", {}, implementation="naive").implementation == "naive"
-    if fw.name != "torch":   # Keras and Flax chunk their softmax attention
+    if fw.name != "torch":  # Keras and Flax chunk their softmax attention
         with pytest.raises(ConfigError, match="query_chunk_size"):
             cls(16, query_chunk_size=0)
         assert fw.make("SelfAttention", dict(in_channels=16), query_chunk_size=7).query_chunk_size == 7
@@ -104,6 +106,7 @@ def test_config_errors_name_the_block_and_the_field(fw):
 # ---------------------------------------------------------------------------------------------
 # initialisation: the rules declared in the spec hold in every framework
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("block", list(ONE_CASE_PER_BLOCK))
 def test_published_init_is_the_spec(fw, block):
@@ -129,8 +132,9 @@ def test_published_init_is_the_spec(fw, block):
 
 def _identity_at_init(spec) -> bool:
     """Blocks whose spec starts them as the identity: a closed gate, or a zero last layer."""
-    return any((isinstance(layer, Gate) and layer.init == 0) or getattr(layer, "zero_init", False)
-               for layer in spec.schema())
+    return any(
+        (isinstance(layer, Gate) and layer.init == 0) or getattr(layer, "zero_init", False) for layer in spec.schema()
+    )
 
 
 IDENTITY_CASES = [c for c in CASES if _identity_at_init(c.spec)]
@@ -148,17 +152,26 @@ def test_identity_at_init(fw, case):
 # inputs
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block, config, shape, dtype, needle", [
-    ("NonLocalBlock2D", dict(in_channels=8), (2, 8, 5), "float32", "rank-4"),
-    ("NonLocalBlock1D", dict(in_channels=8), (2, 8, 5, 5), "float32", "rank-3"),
-    ("NonLocalBlock3D", dict(in_channels=4), (2, 4, 5, 5), "float32", "rank-5"),
-    ("NonLocalBlock2D", dict(in_channels=8), (2, 6, 5, 5), "float32", "expected 8 channels, got 6"),
-    ("NonLocalBlock2D", dict(in_channels=8), (2, 8, 1, 5), "float32", "at least"),
-    ("SelfAttention", dict(in_channels=16), (2, 16, 4, 4), "int64", "int64"),
-    ("RelationAwareAttention", dict(in_channels=16, spatial_size=(4, 5), cha_ratio=2, spa_ratio=4,
-                                    down_ratio=2), (2, 16, 5, 4), "float32", "spatial size (4, 5)"),
-    ("NonLocalMeans", dict(patch_size=5), (1, 1, 2, 9), "float32", "patch_size // 2"),
-])
+
+@pytest.mark.parametrize(
+    "block, config, shape, dtype, needle",
+    [
+        ("NonLocalBlock2D", dict(in_channels=8), (2, 8, 5), "float32", "rank-4"),
+        ("NonLocalBlock1D", dict(in_channels=8), (2, 8, 5, 5), "float32", "rank-3"),
+        ("NonLocalBlock3D", dict(in_channels=4), (2, 4, 5, 5), "float32", "rank-5"),
+        ("NonLocalBlock2D", dict(in_channels=8), (2, 6, 5, 5), "float32", "expected 8 channels, got 6"),
+        ("NonLocalBlock2D", dict(in_channels=8), (2, 8, 1, 5), "float32", "at least"),
+        ("SelfAttention", dict(in_channels=16), (2, 16, 4, 4), "int64", "int64"),
+        (
+            "RelationAwareAttention",
+            dict(in_channels=16, spatial_size=(4, 5), cha_ratio=2, spa_ratio=4, down_ratio=2),
+            (2, 16, 5, 4),
+            "float32",
+            "spatial size (4, 5)",
+        ),
+        ("NonLocalMeans", dict(patch_size=5), (1, 1, 2, 9), "float32", "patch_size // 2"),
+    ],
+)
 def test_input_errors_name_the_block(fw, block, config, shape, dtype, needle):
     m = fw.make(block, config)
     with pytest.raises(InputError, match=block) as info:
@@ -170,6 +183,7 @@ def test_input_errors_name_the_block(fw, block, config, shape, dtype, needle):
 # weights
 # ---------------------------------------------------------------------------------------------
 
+
 def _random(spec, seed):
     return {k: v.astype(np.float32) for k, v in random_weights(spec.schema(), np.random.default_rng(seed)).items()}
 
@@ -180,7 +194,7 @@ def test_export_load_export_is_bit_exact(fw, case):
     first = _random(case.spec, case.seed)
     fw.module.load_weights(m, first)
     second = fw.module.export_weights(m)
-    assert list(second) == list(tensors(case.spec.schema()))          # schema order
+    assert list(second) == list(tensors(case.spec.schema()))  # schema order
     for k in first:
         assert second[k].dtype == np.float32 and first[k].tobytes() == second[k].tobytes(), k
 
@@ -190,11 +204,11 @@ def test_load_weights_is_atomic_and_lists_every_problem(fw):
     fw.module.load_weights(m, _random(m.spec, 0))
     before = fw.module.export_weights(m)
     bad = {k: v + 1 for k, v in before.items()}
-    del bad["theta.weight"]                                   # missing
-    bad["phi.bias"] = np.zeros(7, np.float32)                 # wrong shape
-    bad["W.bias"][0] = np.nan                                 # non-finite
-    bad["gamma"] = np.zeros(1, np.float32)                    # unexpected
-    bad["g.weight"] = bad["g.weight"].astype(np.int32)        # not floating
+    del bad["theta.weight"]  # missing
+    bad["phi.bias"] = np.zeros(7, np.float32)  # wrong shape
+    bad["W.bias"][0] = np.nan  # non-finite
+    bad["gamma"] = np.zeros(1, np.float32)  # unexpected
+    bad["g.weight"] = bad["g.weight"].astype(np.int32)  # not floating
     with pytest.raises(WeightError, match="NonLocalBlock2D") as info:
         fw.module.load_weights(m, bad)
     for needle in ("theta.weight", "phi.bias", "W.bias", "gamma", "g.weight"):
@@ -206,10 +220,15 @@ def test_load_weights_is_atomic_and_lists_every_problem(fw):
 
 def _model(fw):
     """Three blocks at two depths: ``attn``, ``stage.nl`` and ``stage.cam``."""
-    return fw.container(dict(
-        attn=fw.make("SelfAttention", dict(in_channels=8, qk_ratio=4), name="attn"),
-        stage=dict(nl=fw.make("NonLocalBlock2D", dict(in_channels=8), name="nl"),
-                   cam=fw.make("ChannelAttention", dict(in_channels=8), name="cam"))))
+    return fw.container(
+        dict(
+            attn=fw.make("SelfAttention", dict(in_channels=8, qk_ratio=4), name="attn"),
+            stage=dict(
+                nl=fw.make("NonLocalBlock2D", dict(in_channels=8), name="nl"),
+                cam=fw.make("ChannelAttention", dict(in_channels=8), name="cam"),
+            ),
+        )
+    )
 
 
 def _randomise(fw, model, seed):
@@ -237,7 +256,7 @@ def test_model_load_is_atomic_across_blocks(fw):
     _randomise(fw, m, 1)
     before = fw.module.export_weights(m)
     bad = {k: v * 2 for k, v in before.items()}
-    bad["attn.key_conv.weight"] = np.zeros((3, 3), np.float32)     # only this block is wrong
+    bad["attn.key_conv.weight"] = np.zeros((3, 3), np.float32)  # only this block is wrong
     bad["attn.extra"] = np.zeros(1, np.float32)
     bad["nowhere.weight"] = np.zeros(1, np.float32)
     with pytest.raises(WeightError) as info:
@@ -245,7 +264,7 @@ def test_model_load_is_atomic_across_blocks(fw):
     assert len(info.value.problems) == 3
     assert "attn.key_conv.weight" in str(info.value) and "nowhere.weight" in str(info.value)
     after = fw.module.export_weights(m)
-    assert all(np.array_equal(before[k], after[k]) for k in before)   # the other blocks too
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the other blocks too
 
 
 def test_weights_of_a_model_without_blocks(fw):
@@ -306,7 +325,7 @@ def test_two_threads_loading_into_one_block_leave_one_weight_set(fw, monkeypatch
 
     rng = random.Random(0)
 
-    def slow_assign(variable, value):       # widen the window a mixture would need
+    def slow_assign(variable, value):  # widen the window a mixture would need
         time.sleep(rng.random() * 2e-4)
         assign(variable, value)
 

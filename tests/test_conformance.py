@@ -32,8 +32,9 @@ def test_every_block_and_every_option_has_a_case():
         cases = [c for c in CASES if family(c.block) == family(block)]
         for f in dataclasses.fields(config_class(block)):
             default = f.default if f.default is not dataclasses.MISSING else object()
-            assert any(c.spec.to_dict()[f.name] != default for c in cases) or \
-                f.default is dataclasses.MISSING, f"{block}.{f.name} is never set off its default"
+            assert any(c.spec.to_dict()[f.name] != default for c in cases) or f.default is dataclasses.MISSING, (
+                f"{block}.{f.name} is never set off its default"
+            )
 
 
 def test_catalogue_shapes_are_small_batched_and_include_odd_sizes():
@@ -42,8 +43,9 @@ def test_catalogue_shapes_are_small_batched_and_include_odd_sizes():
     assert sum(any(s % 2 for s in c.shape[2:]) for c in CASES) >= len(CASES) // 2
 
 
-@pytest.mark.parametrize("case,dtype,check", jobs(ReferenceAdapter()),
-                         ids=[f"{c.id}-{chk}" for c, _, chk in jobs(ReferenceAdapter())])
+@pytest.mark.parametrize(
+    "case,dtype,check", jobs(ReferenceAdapter()), ids=[f"{c.id}-{chk}" for c, _, chk in jobs(ReferenceAdapter())]
+)
 def test_reference_reproduces_golden(case, dtype, check):
     result = run_check(ReferenceAdapter(), case, dtype, check)
     assert result.passed, result.describe()
@@ -85,12 +87,25 @@ def test_corrupted_golden_file_is_refused(golden_copy):
     case = next(c for c in CASES if c.id == "cam")
     path = golden_copy / "cam.safetensors"
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0xFF                      # one flipped bit in the output tensor
+    data[-3] ^= 0xFF  # one flipped bit in the output tensor
     path.write_bytes(bytes(data))
     with pytest.raises(GoldenError, match="corrupted"):
         load_golden(case, golden_copy)
-    proc = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "numpy",
-                           "--golden", str(golden_copy), "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nlattn.cli",
+            "conformance",
+            "--framework",
+            "numpy",
+            "--golden",
+            str(golden_copy),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 3 and "corrupted" in proc.stderr
 
 
@@ -101,28 +116,45 @@ def test_missing_golden_file_is_refused(golden_copy):
 
 
 def test_cli_prints_the_table():
-    proc = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "numpy",
-                           "--block", "SelfAttention", "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nlattn.cli",
+            "conformance",
+            "--framework",
+            "numpy",
+            "--block",
+            "SelfAttention",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["block", "numpy"]
     assert lines[2].startswith("SelfAttention") and "PASS" in lines[2]
-    assert lines[-1] == "conformance: 2 passed, 0 failed"   # sagan, sagan-qk4: eval only
+    assert lines[-1] == "conformance: 2 passed, 0 failed"  # sagan, sagan-qk4: eval only
 
 
 def test_a_framework_name_selects_all_its_columns_and_an_unknown_one_is_refused():
     from nlattn.conformance import adapter_names
+
     assert adapter_names(["torch"]) == ["torch", "torch-naive"]
     assert adapter_names(["keras"]) == ["keras", "keras-cf", "keras-naive"]
     assert adapter_names(["keras-cf", "numpy"]) == ["numpy", "keras-cf"]
-    proc = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "mxnet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "mxnet"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "mxnet" in proc.stderr
 
 
 def test_import_never_pulls_a_framework():
-    code = ("import sys, nlattn, nlattn.numpy_ref, nlattn.conformance, nlattn.specs; "
-            "bad = [m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, nlattn, nlattn.numpy_ref, nlattn.conformance, nlattn.specs; "
+        "bad = [m for m in ('torch', 'tensorflow', 'jax', 'flax', 'keras') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -33,9 +33,13 @@ def test_conformance_shapes_run_several_query_chunks():
     """The "flax" adapter's small chunk makes the catalogue's softmax cases run several chunks,
     some with a ragged last one; the fast-path blocks really are on their fast path."""
     chunk = FlaxAdapter.query_chunk_size
-    softmax = [c for c in CASES if c.block in ("SelfAttention", "PositionAttention")
-               or c.config.get("mode", "embedded_gaussian") in ("embedded_gaussian", "gaussian")
-               and c.block.startswith("NonLocal")]
+    softmax = [
+        c
+        for c in CASES
+        if c.block in ("SelfAttention", "PositionAttention")
+        or c.config.get("mode", "embedded_gaussian") in ("embedded_gaussian", "gaussian")
+        and c.block.startswith("NonLocal")
+    ]
     n = [int(np.prod(c.shape[2:])) for c in softmax]
     assert len(softmax) >= 10 and all(k > chunk for k in n) and sum(k % chunk != 0 for k in n) >= 5
     c = softmax[0]
@@ -56,13 +60,12 @@ CONFIGS = {
     "PositionAttention": dict(in_channels=8, qk_ratio=2),
     "ChannelAttention": dict(),
     "CrissCrossAttention": dict(in_channels=8, qk_ratio=2, recurrence=2),
-    "RelationAwareAttention": dict(in_channels=8, spatial_size=(3, 4), cha_ratio=2, spa_ratio=2,
-                                   down_ratio=2),
+    "RelationAwareAttention": dict(in_channels=8, spatial_size=(3, 4), cha_ratio=2, spa_ratio=2, down_ratio=2),
     "ExplicitVisualCenter": dict(in_channels=8, num_codes=4, mlp_ratio=1),
     "NonLocalMeans": dict(patch_size=3, patch_distance=1, h=0.5),
     "Scale": dict(init=0.5),
 }
-SHAPES = {1: (2, 7, 8), 2: (2, 3, 4, 8), 3: (2, 2, 3, 4, 8)}   # channels-last
+SHAPES = {1: (2, 7, 8), 2: (2, 3, 4, 8), 3: (2, 2, 3, 4, 8)}  # channels-last
 assert set(CONFIGS) == set(nj.BLOCKS)
 
 
@@ -92,8 +95,9 @@ def fresh():
 
 
 def random_float32(name, seed=1):
-    return {k: v.astype(np.float32) for k, v in
-            random_weights(spec_of(name).schema(), np.random.default_rng(seed)).items()}
+    return {
+        k: v.astype(np.float32) for k, v in random_weights(spec_of(name).schema(), np.random.default_rng(seed)).items()
+    }
 
 
 def assert_same(a, b):
@@ -124,7 +128,7 @@ def test_jit_equals_eager(fresh, name):
     want_plain, want_attn = _outputs(block, x, False), (_outputs(block, x, True) if attention else ())
     for got, want in zip(got_plain + got_attn, want_plain + want_attn, strict=True):
         assert got.shape == want.shape and error(got, want) <= TOL
-    if attention:   # return_attention=True falls back to the materialising path: same output
+    if attention:  # return_attention=True falls back to the materialising path: same output
         assert error(got_attn[0], got_plain[0]) <= TOL
 
 
@@ -153,28 +157,29 @@ def test_blocks_start_in_training_mode_like_nnx_batchnorm():
 # weights: round trips, atomic loads, models holding several blocks
 # ----------------------------------------------------------------------------------------------
 
+
 def test_weight_layouts_are_flax_layouts():
     build = FlaxAdapter().build
     block = build("NonLocalBlock2D", dict(in_channels=4, mode="concatenation"), "float32")
-    w = {k: v.astype(np.float32) for k, v in
-         random_weights(block.spec.schema(), np.random.default_rng(5)).items()}
+    w = {k: v.astype(np.float32) for k, v in random_weights(block.spec.schema(), np.random.default_rng(5)).items()}
     nj.load_weights(block, w)
     np.testing.assert_array_equal(block.theta.kernel[...], w["theta.weight"].transpose(2, 3, 1, 0))  # HWIO
-    np.testing.assert_array_equal(block.concat_project.kernel[...],
-                                  w["concat_project.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(block.concat_project.kernel[...], w["concat_project.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(block.bn.scale[...], w["bn.weight"])
     np.testing.assert_array_equal(block.bn.mean[...], w["bn.running_mean"])
     np.testing.assert_array_equal(block.bn.var[...], w["bn.running_var"])
     evc = build("ExplicitVisualCenter", CONFIGS["ExplicitVisualCenter"], "float32")
     we = random_float32("ExplicitVisualCenter")
     nj.load_weights(evc, we)
-    np.testing.assert_array_equal(evc.lvc.fc[0].kernel[...], we["lvc.fc.0.weight"].T)     # (in, out)
-    np.testing.assert_array_equal(evc.l_MLP.dw.dconv.conv.kernel[...],                    # depthwise
-                                  we["l_MLP.dw.dconv.conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(evc.lvc.fc[0].kernel[...], we["lvc.fc.0.weight"].T)  # (in, out)
+    np.testing.assert_array_equal(
+        evc.l_MLP.dw.dconv.conv.kernel[...],  # depthwise
+        we["l_MLP.dw.dconv.conv.weight"].transpose(2, 3, 1, 0),
+    )
     np.testing.assert_array_equal(evc.l_MLP.norm1.scale[...], we["l_MLP.norm1.weight"])
     np.testing.assert_array_equal(evc.lvc.LVC[3].codewords[...], we["lvc.LVC.3.codewords"])
     rga = build("RelationAwareAttention", CONFIGS["RelationAwareAttention"], "float32")
-    assert rga.W_spatial[2] is jax.nn.relu and rga.W_spatial[3].kernel[...].shape[-1] == 1   # Sequential
+    assert rga.W_spatial[2] is jax.nn.relu and rga.W_spatial[3].kernel[...].shape[-1] == 1  # Sequential
     assert isinstance(rga.W_spatial, Sequential) and len(rga.W_spatial) == 5
     assert evc.lvc.LVC[3].scale[...].shape == (4,) and len(evc.lvc.LVC) == 7 and len(evc.lvc.fc) == 2
 
@@ -200,15 +205,24 @@ def test_model_holding_several_blocks():
     assert {"stage.0.gamma", "stage.1.g.weight", "head.query_conv.weight"} <= set(names)
     assert not any(k.startswith("stem") for k in names)
     assert {path: type(b).__name__ for path, b in nj.blocks(model)} == {
-        "stage.0": "Scale", "stage.1": "NonLocalBlock2D", "head": "SelfAttention"}
+        "stage.0": "Scale",
+        "stage.1": "NonLocalBlock2D",
+        "head": "SelfAttention",
+    }
     parts = {"stage.0": "Scale", "stage.1": "NonLocalBlock2D", "head": "SelfAttention"}
     w = {}
     for seed, prefix in enumerate(parts):
-        spec = {"stage.0": make_config("Scale", init=0.5),
-                "stage.1": make_config("NonLocalBlock2D", in_channels=8, mode="dot_product"),
-                "head": make_config("SelfAttention", in_channels=8, qk_ratio=2)}[prefix]
-        w.update({f"{prefix}.{k}": v.astype(np.float32)
-                  for k, v in random_weights(spec.schema(), np.random.default_rng(seed)).items()})
+        spec = {
+            "stage.0": make_config("Scale", init=0.5),
+            "stage.1": make_config("NonLocalBlock2D", in_channels=8, mode="dot_product"),
+            "head": make_config("SelfAttention", in_channels=8, qk_ratio=2),
+        }[prefix]
+        w.update(
+            {
+                f"{prefix}.{k}": v.astype(np.float32)
+                for k, v in random_weights(spec.schema(), np.random.default_rng(seed)).items()
+            }
+        )
     nj.load_weights(model, w)
     assert_same(nj.export_weights(model), w)
     other = Model(rngs(1))
@@ -258,13 +272,17 @@ def test_weight_files_written_by_v0_1_still_load(path):
 # errors, options, imports
 # ----------------------------------------------------------------------------------------------
 
+
 def test_import_isolation_and_missing_framework_message():
-    code = ("import sys, nlattn.jax; "
-            "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, nlattn.jax; "
+        "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
-    code = ("import sys; sys.modules['flax'] = None\n"
-            "try:\n    import nlattn.jax\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys; sys.modules['flax'] = None\ntry:\n    import nlattn.jax\nexcept ImportError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "pip install nlattn[jax]" in out
 
@@ -272,6 +290,7 @@ def test_import_isolation_and_missing_framework_message():
 # ----------------------------------------------------------------------------------------------
 # fast paths: exact (conformance above), and never an N×M intermediate
 # ----------------------------------------------------------------------------------------------
+
 
 def test_kernels_equal_the_materialised_relations():
     """Each kernel of kernels.py (heads-first, 1/M included) against A v with A formed, two heads,
@@ -281,17 +300,20 @@ def test_kernels_equal_the_materialised_relations():
     v = jnp.asarray(r.normal(size=(2, 2, 7, 5)), jnp.float32)
     a, b = q[..., 0], k[..., 0]
     e = q @ jnp.swapaxes(k, -1, -2)
-    cases = [(kernels.softmax_attention(q, k, v, 0.5, query_chunk_size=4), jax.nn.softmax(0.5 * e) @ v),
-             (kernels.softmax_attention(q, k, v), kernels.softmax(e) @ v),
-             (kernels.dot_product_attention(q, k, v, 0.5), 0.5 * e / 7 @ v),
-             (kernels.concatenation_attention(a, b, v), jax.nn.relu(a[..., :, None] + b[..., None, :]) / 7 @ v)]
+    cases = [
+        (kernels.softmax_attention(q, k, v, 0.5, query_chunk_size=4), jax.nn.softmax(0.5 * e) @ v),
+        (kernels.softmax_attention(q, k, v), kernels.softmax(e) @ v),
+        (kernels.dot_product_attention(q, k, v, 0.5), 0.5 * e / 7 @ v),
+        (kernels.concatenation_attention(a, b, v), jax.nn.relu(a[..., :, None] + b[..., None, :]) / 7 @ v),
+    ]
     for got, want in cases:
         assert got.shape == (2, 2, 11, 5) and error(got, want) <= TOL
 
 
-FAST = [("NonLocalBlock2D", dict(in_channels=4, mode=m)) for m in
-        ("embedded_gaussian", "gaussian", "dot_product", "concatenation")] + [
-        ("SelfAttention", dict(in_channels=4, qk_ratio=2)), ("PositionAttention", dict(in_channels=4, qk_ratio=4))]
+FAST = [
+    ("NonLocalBlock2D", dict(in_channels=4, mode=m))
+    for m in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+] + [("SelfAttention", dict(in_channels=4, qk_ratio=2)), ("PositionAttention", dict(in_channels=4, qk_ratio=4))]
 
 
 def _intermediate_shapes(fn, *args):
@@ -302,11 +324,12 @@ def _intermediate_shapes(fn, *args):
         for eqn in jaxpr.eqns:
             shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
             for p in eqn.params.values():
-                for q in (p if isinstance(p, (tuple, list)) else (p,)):
+                for q in p if isinstance(p, (tuple, list)) else (p,):
                     if hasattr(q, "eqns"):
                         walk(q)
                     elif hasattr(getattr(q, "jaxpr", None), "eqns"):
                         walk(q.jaxpr)
+
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return shapes
 

@@ -22,7 +22,7 @@ from nlattn.numpy_ref import run
 from nlattn.specs import random_weights, tensors
 from nlattn.weights import SOURCES, WeightFileError
 
-TOL = 1e-9   # float64 reference vs float64 transcription of the same float32 weights
+TOL = 1e-9  # float64 reference vs float64 transcription of the same float32 weights
 
 
 def rand(rng, *shape):
@@ -30,11 +30,13 @@ def rand(rng, *shape):
 
 
 def bn_params(rng, prefix, n):
-    return {f"{prefix}weight": rng.uniform(0.5, 1.5, n).astype(np.float32),
-            f"{prefix}bias": rand(rng, n),
-            f"{prefix}running_mean": rand(rng, n),
-            f"{prefix}running_var": rng.uniform(0.5, 1.5, n).astype(np.float32),
-            f"{prefix}num_batches_tracked": np.array(7, np.int64)}
+    return {
+        f"{prefix}weight": rng.uniform(0.5, 1.5, n).astype(np.float32),
+        f"{prefix}bias": rand(rng, n),
+        f"{prefix}running_mean": rand(rng, n),
+        f"{prefix}running_var": rng.uniform(0.5, 1.5, n).astype(np.float32),
+        f"{prefix}num_batches_tracked": np.array(7, np.int64),
+    }
 
 
 def save_pt(path, obj):
@@ -42,11 +44,13 @@ def save_pt(path, obj):
         if isinstance(o, dict):
             return {k: conv(v) for k, v in o.items()}
         return torch.from_numpy(np.ascontiguousarray(o)) if isinstance(o, np.ndarray) else o
+
     torch.save(conv(obj), path)
     return path
 
 
 # --- independent float64 transcriptions of the published forwards (channels-first) ------------
+
 
 def f64(a):
     return np.asarray(a, np.float64)
@@ -61,7 +65,7 @@ def max_pool(x, window):
     for axis, k in zip(range(2, x.ndim), window):
         n = x.shape[axis] // k
         x = np.take(x, np.arange(n * k), axis=axis)
-        x = x.reshape(x.shape[:axis] + (n, k) + x.shape[axis + 1:]).max(axis=axis + 1)
+        x = x.reshape(x.shape[:axis] + (n, k) + x.shape[axis + 1 :]).max(axis=axis + 1)
     return x
 
 
@@ -91,7 +95,7 @@ def alexhex7_forward(x, sd, mode):
         phi = pool(conv1x1(x, sd[f"phi{k}.weight"], sd[f"phi{k}.bias"]))
     theta, phi = theta.reshape(b, theta.shape[1], -1), phi.reshape(b, phi.shape[1], -1)
     n, m = theta.shape[-1], phi.shape[-1]
-    if mode == "concatenation":   # the explicit (b, 2Ci, N, M) concatenation and 1x1 projection
+    if mode == "concatenation":  # the explicit (b, 2Ci, N, M) concatenation and 1x1 projection
         cat = np.concatenate([np.repeat(theta[..., :, None], m, -1), np.repeat(phi[..., None, :], n, -2)], 1)
         f = np.maximum(np.einsum("c,bcnm->bnm", f64(sd["concat_project.0.weight"]).reshape(-1), cat), 0) / m
     else:
@@ -124,7 +128,7 @@ def timm_forward(x, sd, p):
     t = conv1x1(x, sd[p + "t.weight"], sd[p + "t.bias"]).reshape(b, -1, h * w)
     pp = conv1x1(x, sd[p + "p.weight"], sd[p + "p.bias"]).reshape(b, t.shape[1], -1)
     g = conv1x1(x, sd[p + "g.weight"], sd[p + "g.bias"]).reshape(b, t.shape[1], -1)
-    att = softmax(np.einsum("bcn,bcm->bnm", t, pp) * c ** -0.5, axis=2)
+    att = softmax(np.einsum("bcn,bcm->bnm", t, pp) * c**-0.5, axis=2)
     y = np.einsum("bnm,bcm->bcn", att, g).reshape(b, -1, h, w)
     return batch_norm(conv1x1(y, sd[p + "z.weight"], sd[p + "z.bias"]), sd, p + "norm.", 1e-5) + x
 
@@ -172,15 +176,22 @@ def tt(sd, key):
 
 
 def bn_t(x, sd, p, eps):
-    return F.batch_norm(x, tt(sd, p + "running_mean"), tt(sd, p + "running_var"), tt(sd, p + "weight"),
-                        tt(sd, p + "bias"), training=False, eps=eps)
+    return F.batch_norm(
+        x,
+        tt(sd, p + "running_mean"),
+        tt(sd, p + "running_var"),
+        tt(sd, p + "weight"),
+        tt(sd, p + "bias"),
+        training=False,
+        eps=eps,
+    )
 
 
 def rga_forward(x, sd, p, spatial=True, channel=True):
     """RGA_Module.forward (eval), transcribed with torch.nn.functional in float64."""
     x = torch.from_numpy(x)
 
-    def cbr(name, t):   # Sequential(conv 1x1 no bias, BN, ReLU)
+    def cbr(name, t):  # Sequential(conv 1x1 no bias, BN, ReLU)
         return F.relu(bn_t(F.conv2d(t, tt(sd, f"{p}{name}.0.weight")), sd, f"{p}{name}.1.", 1e-5))
 
     def gate(name, t):  # Sequential(conv, BN, ReLU, conv, BN)
@@ -191,8 +202,9 @@ def rga_forward(x, sd, p, spatial=True, channel=True):
         theta = cbr("theta_spatial", x).view(b, -1, h * w).permute(0, 2, 1)
         phi = cbr("phi_spatial", x).view(b, -1, h * w)
         gs = torch.matmul(theta, phi)
-        joint = cbr("gg_spatial", torch.cat((gs.permute(0, 2, 1).reshape(b, h * w, h, w),
-                                             gs.reshape(b, h * w, h, w)), 1))
+        joint = cbr(
+            "gg_spatial", torch.cat((gs.permute(0, 2, 1).reshape(b, h * w, h, w), gs.reshape(b, h * w, h, w)), 1)
+        )
         g = torch.mean(cbr("gx_spatial", x), dim=1, keepdim=True)
         x = torch.sigmoid(gate("W_spatial", torch.cat((g, joint), 1)).expand_as(x)) * x
     if channel:
@@ -212,19 +224,19 @@ def evc_forward(x, sd, p, bn2d_eps, block_eps, bn1d_eps):
     W = lambda name: tt(sd, p + name)  # noqa: E731
     bn = lambda t, name, eps=bn2d_eps: bn_t(t, sd, p + name + ".", eps)  # noqa: E731
     x1 = F.max_pool2d(F.relu(bn(F.conv2d(x, W("conv1.weight"), padding=3), "bn1")), 3, 1, 1)
-    cb = "lvc.conv_1."      # ConvBlock(res_conv=True), BN eps 1e-6 in the module
+    cb = "lvc.conv_1."  # ConvBlock(res_conv=True), BN eps 1e-6 in the module
     t = F.relu(bn(F.conv2d(x1, W(cb + "conv1.weight")), cb + "bn1", block_eps))
     t = F.relu(bn(F.conv2d(t, W(cb + "conv2.weight"), padding=1), cb + "bn2", block_eps))
     t = bn(F.conv2d(t, W(cb + "conv3.weight")), cb + "bn3", block_eps)
     xl = F.relu(t + bn(F.conv2d(x1, W(cb + "residual_conv.weight")), cb + "residual_bn", block_eps))
     z = F.relu(bn(F.conv2d(xl, W("lvc.LVC.0.weight")), "lvc.LVC.1"))
     b, c = z.shape[:2]
-    z = z.view(b, c, -1).transpose(1, 2)                                     # Encoding
+    z = z.view(b, c, -1).transpose(1, 2)  # Encoding
     codes, smooth = W("lvc.LVC.3.codewords"), W("lvc.LVC.3.scale")
     resid = z.unsqueeze(2) - codes.view(1, 1, *codes.shape)
     assign = F.softmax(smooth.view(1, 1, -1) * resid.pow(2).sum(3), dim=2)
     encoded = (assign.unsqueeze(3) * resid).sum(1)
-    en = F.relu(bn(encoded, "lvc.LVC.4", bn1d_eps)).mean(dim=1)             # BatchNorm1d, ReLU, Mean
+    en = F.relu(bn(encoded, "lvc.LVC.4", bn1d_eps)).mean(dim=1)  # BatchNorm1d, ReLU, Mean
     gam = torch.sigmoid(F.linear(en, W("lvc.fc.0.weight"), W("lvc.fc.0.bias")))
     x_lvc = F.relu(xl + xl * gam.view(b, c, 1, 1))
     m = "l_MLP."
@@ -247,6 +259,7 @@ def check_reference(ckpt, x, expected):
 # AlexHex7
 # ----------------------------------------------------------------------------------------------
 
+
 def alexhex7_state(rng, nd, c, ci, mode="embedded_gaussian", sub=True, bn=True):
     k = (1,) * nd
     sd, s = {}, ".0" if sub else ""
@@ -267,17 +280,32 @@ def alexhex7_state(rng, nd, c, ci, mode="embedded_gaussian", sub=True, bn=True):
 def test_alexhex7_pt_file_under_prefix(tmp_path):
     rng = np.random.default_rng(0)
     block = alexhex7_state(rng, 2, 6, 3)
-    model = {"conv1.weight": rand(rng, 6, 3, 3, 3), "fc.weight": rand(rng, 10, 6),
-             **{f"nl.{k}": v for k, v in block.items()}}
+    model = {
+        "conv1.weight": rand(rng, 6, 3, 3, 3),
+        "fc.weight": rand(rng, 10, 6),
+        **{f"nl.{k}": v for k, v in block.items()},
+    }
     path = save_pt(tmp_path / "net.pth", {"state_dict": model, "epoch": 3})
     ckpt = from_checkpoint(str(path), "alexhex7")
     assert ckpt.block == "NonLocalBlock2D" and ckpt.source == "alexhex7"
     cfg = ckpt.config
-    assert (cfg["in_channels"], cfg["inter_channels"], cfg["mode"], cfg["sub_sample"], cfg["bn_layer"],
-            cfg["pool_first"], cfg["scale"]) == (6, 3, "embedded_gaussian", True, True, False, None)
-    expected_map = {"g.weight": "nl.g.0.weight", "phi.bias": "nl.phi.0.bias", "theta.weight": "nl.theta.weight",
-                    "W.weight": "nl.W.0.weight", "bn.weight": "nl.W.1.weight",
-                    "bn.running_var": "nl.W.1.running_var"}
+    assert (
+        cfg["in_channels"],
+        cfg["inter_channels"],
+        cfg["mode"],
+        cfg["sub_sample"],
+        cfg["bn_layer"],
+        cfg["pool_first"],
+        cfg["scale"],
+    ) == (6, 3, "embedded_gaussian", True, True, False, None)
+    expected_map = {
+        "g.weight": "nl.g.0.weight",
+        "phi.bias": "nl.phi.0.bias",
+        "theta.weight": "nl.theta.weight",
+        "W.weight": "nl.W.0.weight",
+        "bn.weight": "nl.W.1.weight",
+        "bn.running_var": "nl.W.1.running_var",
+    }
     for name, src in expected_map.items():
         assert ckpt.mapped[name] == src
         np.testing.assert_array_equal(ckpt.weights[name], model[src])
@@ -288,12 +316,15 @@ def test_alexhex7_pt_file_under_prefix(tmp_path):
     check_reference(ckpt, x, alexhex7_forward(x, block, "embedded_gaussian"))
 
 
-@pytest.mark.parametrize("nd, mode, sub, bn, kw", [
-    (1, "concatenation", False, True, {}),
-    (3, "gaussian", True, False, {}),
-    (2, "dot_product", True, True, {"mode": "dot_product"}),
-    (2, "embedded_gaussian", False, False, {}),
-])
+@pytest.mark.parametrize(
+    "nd, mode, sub, bn, kw",
+    [
+        (1, "concatenation", False, True, {}),
+        (3, "gaussian", True, False, {}),
+        (2, "dot_product", True, True, {"mode": "dot_product"}),
+        (2, "embedded_gaussian", False, False, {}),
+    ],
+)
 def test_alexhex7_modes(nd, mode, sub, bn, kw):
     rng = np.random.default_rng(nd)
     sd = alexhex7_state(rng, nd, 4, 2, mode, sub, bn)
@@ -317,15 +348,18 @@ def test_alexhex7_mode_is_an_argument_and_matters():
     assert np.max(np.abs(run(eg.block, x, eg.weights, eg.config) - run(dp.block, x, dp.weights, dp.config))) > 1e-3
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"mode": "gaussian"}, "contradicts"),
-    ({"mode": "concatenation"}, "contradicts"),
-    ({"in_channels": 8}, "in_channels=8 contradicts"),
-    ({"inter_channels": 1}, "inter_channels=1 contradicts"),
-    ({"bn_layer": False}, "bn_layer=False contradicts"),
-    ({"sub_sample": False}, "sub_sample=False contradicts"),
-    ({"no_such_option": 1}, "unknown option"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"mode": "gaussian"}, "contradicts"),
+        ({"mode": "concatenation"}, "contradicts"),
+        ({"in_channels": 8}, "in_channels=8 contradicts"),
+        ({"inter_channels": 1}, "inter_channels=1 contradicts"),
+        ({"bn_layer": False}, "bn_layer=False contradicts"),
+        ({"sub_sample": False}, "sub_sample=False contradicts"),
+        ({"no_such_option": 1}, "unknown option"),
+    ],
+)
 def test_alexhex7_contradicting_keywords(kw, match):
     sd = alexhex7_state(np.random.default_rng(0), 2, 4, 2)
     with pytest.raises(ConfigError, match=match):
@@ -336,10 +370,10 @@ def test_alexhex7_failures_are_listed_and_input_untouched():
     rng = np.random.default_rng(0)
     sd = alexhex7_state(rng, 2, 4, 2)
     bad = dict(sd)
-    del bad["theta.bias"]                               # missing
-    bad["phi.0.weight"] = rand(rng, 2, 4, 3, 1)         # mis-shaped
-    bad["g.0.bias"] = np.arange(2)                      # integer
-    bad["W.0.bias"] = np.array([1, np.nan, 0, 0], np.float32)   # NaN
+    del bad["theta.bias"]  # missing
+    bad["phi.0.weight"] = rand(rng, 2, 4, 3, 1)  # mis-shaped
+    bad["g.0.bias"] = np.arange(2)  # integer
+    bad["W.0.bias"] = np.array([1, np.nan, 0, 0], np.float32)  # NaN
     before = {k: v.copy() for k, v in bad.items()}
     with pytest.raises(WeightError) as e:
         from_checkpoint(bad, "alexhex7")
@@ -358,10 +392,15 @@ def test_alexhex7_failures_are_listed_and_input_untouched():
 
 def test_several_blocks_need_a_prefix():
     rng = np.random.default_rng(0)
-    sd = {**{f"layer2.0.nl.{k}": v for k, v in alexhex7_state(rng, 2, 4, 2).items()},
-          **{f"layer3.1.nl.{k}": v for k, v in alexhex7_state(rng, 2, 8, 4).items()}}
-    with pytest.raises(WeightError, match=r"2 blocks found; choose one with prefix=: 'layer2\.0\.nl\.', "
-                                          r"'layer3\.1\.nl\.'"):
+    sd = {
+        **{f"layer2.0.nl.{k}": v for k, v in alexhex7_state(rng, 2, 4, 2).items()},
+        **{f"layer3.1.nl.{k}": v for k, v in alexhex7_state(rng, 2, 8, 4).items()},
+    }
+    with pytest.raises(
+        WeightError,
+        match=r"2 blocks found; choose one with prefix=: 'layer2\.0\.nl\.', "
+        r"'layer3\.1\.nl\.'",
+    ):
         from_checkpoint(sd, "alexhex7")
     ckpt = from_checkpoint(sd, "alexhex7", prefix="layer3.1.nl")
     assert ckpt.config["in_channels"] == 8
@@ -381,6 +420,7 @@ def test_unknown_source():
 # Caffe2 (video-nonlocal-net)
 # ----------------------------------------------------------------------------------------------
 
+
 def caffe2_blobs(rng, p, c, ci, bias=True, bn="bn"):
     b = {}
     for name, (o, i) in {"theta": (ci, c), "phi": (ci, c), "g": (ci, c), "out": (c, ci)}.items():
@@ -397,6 +437,7 @@ def caffe2_blobs(rng, p, c, ci, bias=True, bn="bn"):
 
 class Py2Pickler(pickle._Pickler):
     """Writes strings and bytes as Python 2 ``str`` (BINSTRING), as a Python 2 cPickle would."""
+
     dispatch = pickle._Pickler.dispatch.copy()
 
     def save_py2_str(self, obj):
@@ -419,8 +460,13 @@ def py2_pickle(obj) -> bytes:
 @pytest.mark.parametrize("writer", ["py3", "py2"])
 def test_caffe2_pickle_pool_first_and_scale(tmp_path, writer):
     rng = np.random.default_rng(7)
-    blobs = {**caffe2_blobs(rng, "nonlocal_conv3_1", 6, 3), **caffe2_blobs(rng, "nonlocal_conv4_3", 8, 4),
-             "res3_1_branch2a_w": rand(rng, 6, 6, 3, 1, 1), "lr": np.float32(0.01), "model_iter": 400000}
+    blobs = {
+        **caffe2_blobs(rng, "nonlocal_conv3_1", 6, 3),
+        **caffe2_blobs(rng, "nonlocal_conv4_3", 8, 4),
+        "res3_1_branch2a_w": rand(rng, 6, 6, 3, 1, 1),
+        "lr": np.float32(0.01),
+        "model_iter": 400000,
+    }
     path = tmp_path / "c2_model.pkl"
     data = pickle.dumps({"blobs": blobs}, protocol=2) if writer == "py3" else py2_pickle({"blobs": blobs})
     path.write_bytes(data)
@@ -431,12 +477,25 @@ def test_caffe2_pickle_pool_first_and_scale(tmp_path, writer):
     ckpt = from_checkpoint(str(path), "caffe2", prefix="nonlocal_conv3_1")
     cfg = ckpt.config
     assert ckpt.block == "NonLocalBlock3D"
-    assert (cfg["in_channels"], cfg["inter_channels"], cfg["pool_first"], cfg["sub_sample"], cfg["mode"],
-            cfg["bn_layer"]) == (6, 3, True, True, "embedded_gaussian", True)
-    assert cfg["scale"] == 3 ** -0.5 and cfg["bn_eps"] == 1.0000001e-5 and cfg["bn_momentum"] == pytest.approx(0.1)
+    assert (
+        cfg["in_channels"],
+        cfg["inter_channels"],
+        cfg["pool_first"],
+        cfg["sub_sample"],
+        cfg["mode"],
+        cfg["bn_layer"],
+    ) == (6, 3, True, True, "embedded_gaussian", True)
+    assert cfg["scale"] == 3**-0.5 and cfg["bn_eps"] == 1.0000001e-5 and cfg["bn_momentum"] == pytest.approx(0.1)
     p = "nonlocal_conv3_1"
-    for name, suffix in {"theta.weight": "theta_w", "g.bias": "g_b", "W.weight": "out_w", "bn.weight": "bn_s",
-                         "bn.bias": "bn_b", "bn.running_mean": "bn_rm", "bn.running_var": "bn_riv"}.items():
+    for name, suffix in {
+        "theta.weight": "theta_w",
+        "g.bias": "g_b",
+        "W.weight": "out_w",
+        "bn.weight": "bn_s",
+        "bn.bias": "bn_b",
+        "bn.running_mean": "bn_rm",
+        "bn.running_var": "bn_riv",
+    }.items():
         np.testing.assert_array_equal(ckpt.weights[name], blobs[f"{p}_{suffix}"])
         assert ckpt.mapped[name] == f"{p}_{suffix}"
     assert all(k.endswith("_momentum") for k in ckpt.dropped) and len(ckpt.dropped) == 4
@@ -457,8 +516,9 @@ def test_caffe2_options_no_bias_and_affine():
     assert ckpt.config["bn_layer"] is False and ckpt.config["scale"] is None
     assert ckpt.config["mode"] == "dot_product"
     assert np.all(ckpt.weights["theta.bias"] == 0) and np.all(ckpt.weights["phi.bias"] == 0)
-    np.testing.assert_allclose(ckpt.weights["W.weight"],
-                               blobs[f"{p}_out_w"] * blobs[f"{p}_bn_s"][:, None, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(
+        ckpt.weights["W.weight"], blobs[f"{p}_out_w"] * blobs[f"{p}_bn_s"][:, None, None, None, None], rtol=1e-6
+    )
     np.testing.assert_allclose(ckpt.weights["W.bias"], blobs[f"{p}_bn_b"], rtol=1e-6)
     assert any("NO_BIAS" in n for n in ckpt.notes) and any("USE_AFFINE" in n for n in ckpt.notes)
     with pytest.raises(ConfigError, match="mode='gaussian' contradicts"):
@@ -468,6 +528,7 @@ def test_caffe2_options_no_bias_and_affine():
 # ----------------------------------------------------------------------------------------------
 # timm NonLocalAttn
 # ----------------------------------------------------------------------------------------------
+
 
 def timm_state(rng, p, c, rd):
     sd = {}
@@ -485,9 +546,14 @@ def test_timm_scale_and_no_subsampling(tmp_path):
     cfg = ckpt.config
     assert ckpt.block == "NonLocalBlock2D"
     assert (cfg["in_channels"], cfg["inter_channels"], cfg["sub_sample"], cfg["bn_layer"]) == (8, 3, False, True)
-    assert cfg["scale"] == 8 ** -0.5
-    for name, src in {"theta.weight": "t.weight", "phi.bias": "p.bias", "g.weight": "g.weight",
-                      "W.weight": "z.weight", "bn.running_mean": "norm.running_mean"}.items():
+    assert cfg["scale"] == 8**-0.5
+    for name, src in {
+        "theta.weight": "t.weight",
+        "phi.bias": "p.bias",
+        "g.weight": "g.weight",
+        "W.weight": "z.weight",
+        "bn.running_mean": "norm.running_mean",
+    }.items():
         np.testing.assert_array_equal(ckpt.weights[name], sd[p + src])
     x = np.random.default_rng(12).normal(size=(2, 8, 4, 3))
     expected = timm_forward(x, sd, p)
@@ -501,6 +567,7 @@ def test_timm_scale_and_no_subsampling(tmp_path):
 # DANet, SAGAN, CCNet
 # ----------------------------------------------------------------------------------------------
 
+
 def qkv_state(rng, p, c, cq):
     sd = {}
     for name, o in {"query_conv": cq, "key_conv": cq, "value_conv": c}.items():
@@ -511,12 +578,18 @@ def qkv_state(rng, p, c, cq):
 
 def test_danet_pam_and_cam(tmp_path):
     rng = np.random.default_rng(13)
-    sd = {**qkv_state(rng, "module.head.sa.", 16, 2), "module.head.sc.gamma": rand(rng, 1),
-          "module.head.conv5a.0.weight": rand(rng, 16, 32, 3, 3),
-          "module.pretrained.layer1.0.gamma": rand(rng, 4)}   # a layer scale, not a CAM
+    sd = {
+        **qkv_state(rng, "module.head.sa.", 16, 2),
+        "module.head.sc.gamma": rand(rng, 1),
+        "module.head.conv5a.0.weight": rand(rng, 16, 32, 3, 3),
+        "module.pretrained.layer1.0.gamma": rand(rng, 4),
+    }  # a layer scale, not a CAM
     path = str(save_pt(tmp_path / "danet.pth", {"state_dict": sd}))
-    with pytest.raises(WeightError, match=r"'module\.head\.sa\.' \(PositionAttention\), "
-                                          r"'module\.head\.sc\.' \(ChannelAttention\)"):
+    with pytest.raises(
+        WeightError,
+        match=r"'module\.head\.sa\.' \(PositionAttention\), "
+        r"'module\.head\.sc\.' \(ChannelAttention\)",
+    ):
         from_checkpoint(path, "danet")
     pam = from_checkpoint(path, "danet", prefix="module.head.sa.")
     assert pam.block == "PositionAttention" and pam.config == {"in_channels": 16, "qk_ratio": 8}
@@ -530,8 +603,12 @@ def test_danet_pam_and_cam(tmp_path):
 
 def test_sagan_generator_attention_layers(tmp_path):
     rng = np.random.default_rng(15)
-    sd = {**qkv_state(rng, "attn1.", 16, 2), **qkv_state(rng, "attn2.", 8, 1),
-          "l1.0.weight_bar": rand(rng, 4, 16, 4, 4), "l1.0.weight_u": rand(rng, 4)}
+    sd = {
+        **qkv_state(rng, "attn1.", 16, 2),
+        **qkv_state(rng, "attn2.", 8, 1),
+        "l1.0.weight_bar": rand(rng, 4, 16, 4, 4),
+        "l1.0.weight_u": rand(rng, 4),
+    }
     path = str(save_pt(tmp_path / "100_G.pth", sd))
     with pytest.raises(WeightError, match="'attn1.', 'attn2.'"):
         from_checkpoint(path, "sagan")
@@ -542,7 +619,7 @@ def test_sagan_generator_attention_layers(tmp_path):
     check_reference(ckpt, x, pam_forward(x, sd, "attn2."))
     with pytest.raises(ConfigError, match="qk_ratio=4 contradicts"):
         from_checkpoint(path, "sagan", prefix="attn2", qk_ratio=4)
-    odd = from_checkpoint(qkv_state(rng, "", 16, 4), "sagan")      # C // 4 query channels
+    odd = from_checkpoint(qkv_state(rng, "", 16, 4), "sagan")  # C // 4 query channels
     assert odd.config["qk_ratio"] == 4
 
 
@@ -563,6 +640,7 @@ def test_ccnet_rcca_head_recurrence(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # RGA, CFPNet EVC
 # ----------------------------------------------------------------------------------------------
+
 
 def rga_state(rng, p, c, n, ci, ni, d, spatial=True, channel=True):
     """RGA_Module state dict, from the published __init__ (conv 1x1 no bias, BN, ReLU)."""
@@ -600,8 +678,12 @@ def test_rga_ratios_inferred_spatial_size_required(tmp_path):
     ckpt = from_checkpoint(path, "rga", spatial_size=(2, 8))
     cfg = ckpt.config
     assert ckpt.block == "RelationAwareAttention"
-    assert (cfg["in_channels"], tuple(cfg["spatial_size"]), cfg["use_spatial"], cfg["use_channel"]) == \
-        (8, (2, 8), True, True)
+    assert (cfg["in_channels"], tuple(cfg["spatial_size"]), cfg["use_spatial"], cfg["use_channel"]) == (
+        8,
+        (2, 8),
+        True,
+        True,
+    )
     assert (cfg["cha_ratio"], cfg["spa_ratio"], cfg["down_ratio"]) == (4, 4, 2)
     assert ckpt.mapped == {k: f"rga_att1.{k}" for k in ckpt.weights}
     for k in ckpt.weights:
@@ -611,14 +693,22 @@ def test_rga_ratios_inferred_spatial_size_required(tmp_path):
     check_reference(ckpt, x, rga_forward(x, sd, "rga_att1."))
     sd_s = rga_state(rng, "", 8, 16, 1, 2, 1, channel=False)
     spatial_only = from_checkpoint(sd_s, "rga", spatial_size=(4, 4))
-    assert (spatial_only.config["use_channel"], spatial_only.config["cha_ratio"],
-            spatial_only.config["spa_ratio"], spatial_only.config["down_ratio"]) == (False, 8, 8, 1)
+    assert (
+        spatial_only.config["use_channel"],
+        spatial_only.config["cha_ratio"],
+        spatial_only.config["spa_ratio"],
+        spatial_only.config["down_ratio"],
+    ) == (False, 8, 8, 1)
     x = np.random.default_rng(21).normal(size=(1, 8, 4, 4))
     check_reference(spatial_only, x, rga_forward(x, sd_s, "", channel=False))
-    sd_c = rga_state(rng, "", 8, 16, 4, 4, 5, spatial=False)     # RGA-C: 1 + 4 // 5 channels in W_channel
+    sd_c = rga_state(rng, "", 8, 16, 4, 4, 5, spatial=False)  # RGA-C: 1 + 4 // 5 channels in W_channel
     channel_only = from_checkpoint(sd_c, "rga", spatial_size=(4, 4))
-    assert (channel_only.config["use_spatial"], channel_only.config["cha_ratio"],
-            channel_only.config["spa_ratio"], channel_only.config["down_ratio"]) == (False, 2, 4, 5)
+    assert (
+        channel_only.config["use_spatial"],
+        channel_only.config["cha_ratio"],
+        channel_only.config["spa_ratio"],
+        channel_only.config["down_ratio"],
+    ) == (False, 2, 4, 5)
     check_reference(channel_only, x, rga_forward(x, sd_c, "", spatial=False))
 
 
@@ -627,15 +717,19 @@ def test_cfpnet_evc_drops_unused_linear(tmp_path):
     spec = make_config("ExplicitVisualCenter", in_channels=8, num_codes=5, mlp_ratio=2)
     block = {k: v.astype(np.float32) for k, v in random_weights(spec.schema(), rng).items()}
     p = "backbone.evc."
-    sd = {**{p + k: v for k, v in block.items()}, p + "l_MLP.linear.weight": rand(rng, 8, 8),
-          p + "l_MLP.linear.bias": rand(rng, 8), p + "bn1.num_batches_tracked": np.array(5),
-          "head.cls.weight": rand(rng, 3, 8)}
+    sd = {
+        **{p + k: v for k, v in block.items()},
+        p + "l_MLP.linear.weight": rand(rng, 8, 8),
+        p + "l_MLP.linear.bias": rand(rng, 8),
+        p + "bn1.num_batches_tracked": np.array(5),
+        "head.cls.weight": rand(rng, 3, 8),
+    }
     ckpt = from_checkpoint(str(save_pt(tmp_path / "cfp.pth", {"model": sd})), "cfpnet")
     assert ckpt.block == "ExplicitVisualCenter"
     assert (ckpt.config["in_channels"], ckpt.config["num_codes"], ckpt.config["mlp_ratio"]) == (8, 5, 2)
     assert set(ckpt.dropped) == {p + "l_MLP.linear.weight", p + "l_MLP.linear.bias", p + "bn1.num_batches_tracked"}
     assert "never used" in ckpt.dropped[p + "l_MLP.linear.weight"]
-    assert list(ckpt.weights) == list(block)       # schema order
+    assert list(ckpt.weights) == list(block)  # schema order
     for k, v in block.items():
         np.testing.assert_array_equal(ckpt.weights[k], v)
     with pytest.raises(ConfigError, match="num_codes=64 contradicts"):
@@ -649,8 +743,7 @@ def test_cfpnet_evc_drops_unused_linear(tmp_path):
     check_reference(ckpt, x, evc_forward(x, sd, p, 1e-3, 1e-3, 1e-5))
     # a standalone EVCBlock: eps 1e-5, ConvBlock 1e-6; the eps matter
     plain = from_checkpoint(sd, "cfpnet", yolox_bn=False)
-    assert (plain.config["bn_eps"], plain.config["conv_block_bn_eps"], plain.config["bn_momentum"]) == \
-        (1e-5, 1e-6, 0.1)
+    assert (plain.config["bn_eps"], plain.config["conv_block_bn_eps"], plain.config["bn_momentum"]) == (1e-5, 1e-6, 0.1)
     expected = evc_forward(x, sd, p, 1e-5, 1e-6, 1e-5)
     check_reference(plain, x, expected)
     assert np.max(np.abs(run(ckpt.block, x, ckpt.weights, ckpt.config) - expected)) > 1e-6

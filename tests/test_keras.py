@@ -67,6 +67,7 @@ def as_np(t):
 # compiled forms, saving, configs
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("block", sorted(ONE))
 def test_jit_compile_matches_eager_and_reference(block):
     config, shape = ONE[block]
@@ -117,6 +118,7 @@ def test_get_config_keeps_data_format_and_inferred_channels():
 # init, data format, channel inference
 # ---------------------------------------------------------------------------------------------
 
+
 def test_bn_conventions_follow_the_spec():
     layer = nk.NonLocalBlock2D(in_channels=4, bn_eps=1e-3, bn_momentum=0.01)
     layer.build((None, 4, 4, 4))
@@ -143,7 +145,7 @@ def test_in_channels_inferred_and_checked_at_build():
     assert layer.spec.in_channels == 6 and out.shape == (1, 4, 4, 6)
     cam = nk.ChannelAttention()
     cam(np.zeros((1, 3, 3, 5), np.float32))
-    assert cam.spec.in_channels is None     # CAM has no convs: any channel count
+    assert cam.spec.in_channels is None  # CAM has no convs: any channel count
     with pytest.raises(InputError, match="expected 4 channels, got 6"):
         nk.SelfAttention(in_channels=4, qk_ratio=2)(np.zeros((1, 4, 4, 6), np.float32))
 
@@ -157,10 +159,14 @@ def test_unbuilt_layer_without_channels_cannot_export():
 # errors
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block, config, shape, dtype, needle", [
-    ("NonLocalBlock2D", dict(), (2, 5, 4), "float32", "rank-4"),      # in_channels to be inferred
-    ("Scale", dict(), (2, 3), "int32", "floating-point"),
-])
+
+@pytest.mark.parametrize(
+    "block, config, shape, dtype, needle",
+    [
+        ("NonLocalBlock2D", dict(), (2, 5, 4), "float32", "rank-4"),  # in_channels to be inferred
+        ("Scale", dict(), (2, 3), "int32", "floating-point"),
+    ],
+)
 def test_input_errors(block, config, shape, dtype, needle):
     with pytest.raises(InputError, match=needle):
         getattr(nk, block)(**config)(np.zeros(shape, dtype))
@@ -178,9 +184,9 @@ def test_input_errors_after_build():
 def test_keras_config_errors():
     with pytest.raises(ConfigError, match="data_format"):
         nk.ChannelAttention(data_format="NHWC")
-    with pytest.raises(ConfigError, match="spatial_size"):      # checked before in_channels is known
+    with pytest.raises(ConfigError, match="spatial_size"):  # checked before in_channels is known
         nk.RelationAwareAttention(in_channels=8)
-    with pytest.raises(ConfigError, match="must divide"):   # validated when building
+    with pytest.raises(ConfigError, match="must divide"):  # validated when building
         nk.NonLocalBlock2D(mode="gaussian", num_heads=3)(np.zeros((1, 4, 4, 4), np.float32))
 
 
@@ -188,10 +194,11 @@ def test_keras_config_errors():
 # Scale
 # ---------------------------------------------------------------------------------------------
 
+
 def test_scale_gamma_is_trainable_with_the_right_gradient():
     layer = nk.Scale()
     x = tf.constant(rand((2, 3, 4)), tf.float32)
-    assert not as_np(layer(x)).any()                       # init 0: the gate starts closed
+    assert not as_np(layer(x)).any()  # init 0: the gate starts closed
     assert [v.path.split("/")[-1] for v in layer.trainable_weights] == ["gamma"]
     assert layer.gamma.shape == (1,) and as_np(layer.gamma).tolist() == [0.0]
     layer.gamma.assign([0.75])
@@ -227,6 +234,7 @@ def test_scale_trains_with_fit():
 # weights
 # ---------------------------------------------------------------------------------------------
 
+
 def _nested_model():
     inner_in = keras.Input(shape=(4, 5, 8))
     inner = keras.Model(inner_in, nk.NonLocalBlock2D(in_channels=8, name="nl")(inner_in), name="stage2")
@@ -241,14 +249,18 @@ def test_model_with_several_blocks_round_trips():
     w = nk.export_weights(model)
     assert "sa.gamma" in w and "nl1.theta.weight" in w and "stage2.nl.bn.running_var" in w
     rng = np.random.default_rng(3)
-    new = {k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.5, v.shape))
-           .astype(np.float32) for k, v in w.items()}
+    new = {
+        k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.5, v.shape)).astype(
+            np.float32
+        )
+        for k, v in w.items()
+    }
     nk.load_weights(model, new)
     got = nk.export_weights(model)
     assert got.keys() == new.keys() and all(np.array_equal(got[k], new[k]) for k in new)
     x = rand((2, 4, 5, 8)).astype(np.float32)
     # the model is the composition of the blocks' references
-    cfg = lambda p: {k[len(p) + 1:]: v for k, v in new.items() if k.startswith(p + ".")}  # noqa: E731
+    cfg = lambda p: {k[len(p) + 1 :]: v for k, v in new.items() if k.startswith(p + ".")}  # noqa: E731
     y = reference("SelfAttention", np.moveaxis(x, -1, 1), cfg("sa"), dict(in_channels=8))
     y = reference("NonLocalBlock2D", y, cfg("nl1"), dict(in_channels=8, mode="dot_product"))
     y = reference("NonLocalBlock2D", y, cfg("stage2.nl"), dict(in_channels=8))
@@ -308,20 +320,25 @@ def test_keras_names_have_no_dots_and_weight_paths_are_unique(block):
 # packaging and the other Keras backend
 # ---------------------------------------------------------------------------------------------
 
+
 def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
 
 
 def test_imports_only_keras_and_names_the_extra_when_missing():
-    r = _python("import sys, keras\n"
-                "before = set(sys.modules)\n"
-                "import nlattn.tf\n"
-                "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
-                "print(sorted(new & {'torch', 'jax', 'flax', 'tensorflow'}))")
+    r = _python(
+        "import sys, keras\n"
+        "before = set(sys.modules)\n"
+        "import nlattn.tf\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "print(sorted(new & {'torch', 'jax', 'flax', 'tensorflow'}))"
+    )
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr[-2000:]
-    r = _python("import sys; sys.modules['keras'] = None\n"
-                "try:\n    import nlattn.tf\nexcept ImportError as e:\n    print(e)")
+    r = _python(
+        "import sys; sys.modules['keras'] = None\ntry:\n    import nlattn.tf\nexcept ImportError as e:\n    print(e)"
+    )
     assert "pip install nlattn[tf]" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
@@ -332,10 +349,14 @@ def test_conformance_cli_on_the_jax_backend():
     in meaning and still held to the same tolerances.
     """
     start = time.time()
-    r = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "keras",
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "KERAS_BACKEND": "jax",
-                            "XLA_FLAGS": "--xla_backend_optimization_level=0"})
+    r = subprocess.run(
+        [sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "keras", "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0"},
+    )
     print(f"KERAS_BACKEND=jax conformance: {time.time() - start:.0f} s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = r.stdout
@@ -343,9 +364,25 @@ def test_conformance_cli_on_the_jax_backend():
 
 
 def test_conformance_cli_prints_keras_columns():
-    r = subprocess.run([sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "keras",
-                        "--block", "Scale", "--block", "ChannelAttention", "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nlattn.cli",
+            "conformance",
+            "--framework",
+            "keras",
+            "--block",
+            "Scale",
+            "--block",
+            "ChannelAttention",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     header = r.stdout.splitlines()[0].split()
     assert header == ["block", "keras", "keras-cf", "keras-naive"]
@@ -354,6 +391,7 @@ def test_conformance_cli_prints_keras_columns():
 # ---------------------------------------------------------------------------------------------
 # fast paths (implementation="auto")
 # ---------------------------------------------------------------------------------------------
+
 
 def _op_shapes(layer, x):
     """The shape of every TensorFlow op output while ``layer(x)`` runs (eager ops and the bodies
@@ -379,7 +417,7 @@ FAST = [
     ("NonLocalBlock2D", dict(in_channels=8)),
     ("NonLocalBlock2D", dict(in_channels=8, mode="gaussian", num_heads=2, scale=0.3)),
     ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", num_heads=2)),
-    ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", scale=0.3)),   # 0.1 ignored scale here
+    ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", scale=0.3)),  # 0.1 ignored scale here
     ("NonLocalBlock2D", dict(in_channels=8, mode="concatenation")),
     ("SelfAttention", dict(in_channels=8, qk_ratio=2)),
     ("PositionAttention", dict(in_channels=8)),
@@ -393,13 +431,13 @@ def test_fast_path_never_materialises_the_relation(block, config):
     n = 256
     m = 64 if block.startswith("NonLocal") else n
     heads = config.get("num_heads", 1)
-    relation = 2 * heads * n * m                                  # B·heads·N·M elements
+    relation = 2 * heads * n * m  # B·heads·N·M elements
     for implementation in ("auto", "naive"):
         layer, _ = build(block, config, implementation=implementation, query_chunk_size=32)
         largest = max(np.prod(s) for _, s in _op_shapes(layer, x))
-        if implementation == "auto":   # at most a chunk of the map, or the feature maps themselves
+        if implementation == "auto":  # at most a chunk of the map, or the feature maps themselves
             assert largest <= max(2 * heads * 32 * m, x.size), (block, config, largest)
-        else:                           # the check can fail: the naive path holds the whole map
+        else:  # the check can fail: the naive path holds the whole map
             assert largest >= relation
 
 
@@ -407,7 +445,7 @@ def test_criss_cross_stores_only_row_and_column_energies():
     x = rand((2, 9, 11, 8)).astype(np.float32)
     layer, _ = build("CrissCrossAttention", dict(in_channels=8))
     largest = max(np.prod(s) for _, s in _op_shapes(layer, x))
-    assert largest == 2 * 9 * 11 * (9 + 11)                       # B·N·(H+W) energies, no more
+    assert largest == 2 * 9 * 11 * (9 + 11)  # B·N·(H+W) energies, no more
 
 
 @pytest.mark.parametrize("block, config", FAST, ids=[f"{b}-{c.get('mode', '')}" for b, c in FAST])
@@ -433,8 +471,7 @@ def test_implementation_is_accepted_by_every_class_and_kept_in_the_config():
             layer = getattr(nk, block)(**config, implementation=implementation)
             assert layer.get_config()["implementation"] == implementation
     chunked = {b for b in ONE if "query_chunk_size" in getattr(nk, b)(**ONE[b][0]).get_config()}
-    assert chunked == {"NonLocalBlock1D", "NonLocalBlock2D", "NonLocalBlock3D", "SelfAttention",
-                       "PositionAttention"}
+    assert chunked == {"NonLocalBlock1D", "NonLocalBlock2D", "NonLocalBlock3D", "SelfAttention", "PositionAttention"}
     assert nk.SelfAttention(in_channels=8, query_chunk_size=7).get_config()["query_chunk_size"] == 7
 
 
@@ -442,8 +479,9 @@ def test_concatenation_fast_path_gradients_match_naive():
     x = tf.constant(rand((2, 6, 7, 8)), tf.float32)
     grads = []
     for implementation in ("auto", "naive"):
-        layer, _ = build("NonLocalBlock2D", dict(in_channels=8, mode="concatenation", bn_layer=False),
-                         implementation=implementation)
+        layer, _ = build(
+            "NonLocalBlock2D", dict(in_channels=8, mode="concatenation", bn_layer=False), implementation=implementation
+        )
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = tf.reduce_sum(tf.sin(layer(x)))

@@ -37,8 +37,10 @@ CONFIGS = {
     "PositionAttention": (dict(in_channels=8, qk_ratio=4), (1, 8, 3, 4)),
     "ChannelAttention": (dict(in_channels=4), (2, 4, 3, 3)),
     "CrissCrossAttention": (dict(in_channels=8, recurrence=2), (1, 8, 3, 4)),
-    "RelationAwareAttention": (dict(in_channels=8, spatial_size=(2, 4), cha_ratio=2, spa_ratio=2,
-                                    down_ratio=2), (2, 8, 2, 4)),
+    "RelationAwareAttention": (
+        dict(in_channels=8, spatial_size=(2, 4), cha_ratio=2, spa_ratio=2, down_ratio=2),
+        (2, 8, 2, 4),
+    ),
     "ExplicitVisualCenter": (dict(in_channels=4, num_codes=3, mlp_ratio=2), (1, 4, 4, 4)),
     "NonLocalMeans": (dict(patch_size=3, patch_distance=1, h=0.5), (1, 2, 5, 5)),
     "Scale": (dict(init=0.25), (2, 3, 4)),
@@ -54,6 +56,7 @@ def blocks():
         if (fw, name) not in cache:
             cache[fw, name] = nlattn.build(name, fw, **CONFIGS[name][0])
         return cache[fw, name]
+
     return get
 
 
@@ -71,7 +74,7 @@ def forward(fw, block, x):
     last = np.moveaxis(x32, 1, -1)
     if fw == "tf":
         out = keras.ops.convert_to_numpy(block(last, training=False))
-    else:       # one compiled call: much faster than op-by-op dispatch for these small inputs
+    else:  # one compiled call: much faster than op-by-op dispatch for these small inputs
         block.eval()
         out = np.asarray(nnx.jit(lambda m, v: m(v))(block, jnp.asarray(last)))
     return np.moveaxis(out, -1, 1).astype(np.float64)
@@ -82,7 +85,7 @@ def error(out, ref):
 
 
 def assert_bit_exact(got, expected, names):
-    assert list(got) == names                 # canonical names, schema order
+    assert list(got) == names  # canonical names, schema order
     for k in names:
         assert got[k].dtype == np.float32 and got[k].shape == expected[k].shape, k
         assert np.array_equal(got[k], expected[k]), k
@@ -92,21 +95,22 @@ def assert_bit_exact(got, expected, names):
 # every block, every ordered pair of frameworks
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_port_every_pair_bit_exact_and_outputs_match(blocks, name):
     config, shape = CONFIGS[name]
     names = list(tensors(make_config(name, **config).schema()))
     for seed, (a, b) in enumerate(itertools.permutations(FRAMEWORKS, 2)):
-        w = weights32(name, seed)                    # new values for every pair: b held others
+        w = weights32(name, seed)  # new values for every pair: b held others
         nlattn.load_weights(blocks(a, name), w)
         exported = nlattn.export_weights(blocks(a, name))
-        assert_bit_exact(exported, w, names)         # export -> load -> export in a
+        assert_bit_exact(exported, w, names)  # export -> load -> export in a
         nlattn.load_weights(blocks(b, name), exported)
-        assert_bit_exact(nlattn.export_weights(blocks(b, name)), w, names)   # ... and in b
+        assert_bit_exact(nlattn.export_weights(blocks(b, name)), w, names)  # ... and in b
 
     w = weights32(name, 100)
     nlattn.load_weights(blocks("torch", name), w)
-    for a, b in (("torch", "tf"), ("tf", "jax")):    # torch -> Keras -> Flax
+    for a, b in (("torch", "tf"), ("tf", "jax")):  # torch -> Keras -> Flax
         nlattn.load_weights(blocks(b, name), nlattn.export_weights(blocks(a, name)))
     x = np.random.default_rng(7).normal(size=shape).astype(np.float32).astype(np.float64)
     ref = run(name, x, {k: v.astype(np.float64) for k, v in w.items()}, config)
@@ -125,15 +129,20 @@ def test_framework_is_read_from_the_block(blocks):
 # failed loads change nothing
 # ----------------------------------------------------------------------------------------------
 
+
 def bad_variants(w):
     missing = {k: v for k, v in w.items() if k != "theta.bias"}
     extra = {**w, "theta.scale": np.ones(2, np.float32)}
     shaped = {**w, "phi.weight": np.ones((2, 4, 1, 2), np.float32)}
     ints = {**w, "g.bias": np.arange(2, dtype=np.int64)}
     nan = {**w, "bn.running_var": np.array([1, np.nan, 1, 1], np.float32)}
-    return [(missing, "missing 'theta.bias'"), (extra, "unexpected 'theta.scale'"),
-            (shaped, r"'phi.weight' has shape \(2, 4, 1, 2\)"), (ints, "'g.bias' has dtype int64"),
-            (nan, "'bn.running_var' has non-finite values")]
+    return [
+        (missing, "missing 'theta.bias'"),
+        (extra, "unexpected 'theta.scale'"),
+        (shaped, r"'phi.weight' has shape \(2, 4, 1, 2\)"),
+        (ints, "'g.bias' has dtype int64"),
+        (nan, "'bn.running_var' has non-finite values"),
+    ]
 
 
 @pytest.mark.parametrize("fw", FRAMEWORKS)
@@ -153,31 +162,34 @@ def test_failed_load_changes_nothing(blocks, fw, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-16])
     (tmp_path / "junk.safetensors").write_bytes(b"\x10" + data[1:])
     from safetensors.numpy import save_file
+
     save_file(w, str(tmp_path / "foreign.safetensors"))
     other = tmp_path / "sagan.safetensors"
-    nlattn.save_weights(other, weights32("SelfAttention", 0), config=CONFIGS["SelfAttention"][0],
-                        block="SelfAttention")
+    nlattn.save_weights(other, weights32("SelfAttention", 0), config=CONFIGS["SelfAttention"][0], block="SelfAttention")
     bigger = tmp_path / "bigger.safetensors"
     cfg8 = dict(in_channels=8, pool_first=True, scale=0.5)
-    nlattn.save_weights(bigger, random_weights(make_config(name, **cfg8).schema(), np.random.default_rng(0)),
-                        config=cfg8, block=name)
+    nlattn.save_weights(
+        bigger, random_weights(make_config(name, **cfg8).schema(), np.random.default_rng(0)), config=cfg8, block=name
+    )
     for path, error_type, match in (
-            ("cut.safetensors", WeightFileError, "truncated or corrupt"),
-            ("junk.safetensors", WeightFileError, "truncated or corrupt"),
-            ("foreign.safetensors", WeightFileError, "not an nlattn weights file"),
-            ("sagan.safetensors", WeightError, "the weights are for a SelfAttention"),
-            ("bigger.safetensors", WeightError, "other parameters than this block's")):
+        ("cut.safetensors", WeightFileError, "truncated or corrupt"),
+        ("junk.safetensors", WeightFileError, "truncated or corrupt"),
+        ("foreign.safetensors", WeightFileError, "not an nlattn weights file"),
+        ("sagan.safetensors", WeightError, "the weights are for a SelfAttention"),
+        ("bigger.safetensors", WeightError, "other parameters than this block's"),
+    ):
         with pytest.raises(error_type, match=match):
             nlattn.load_weights(block, tmp_path / path)
     after = nlattn.export_weights(block)
     assert all(np.array_equal(after[k], before[k]) for k in before)
-    nlattn.load_weights(block, good)                 # and a good file does load
+    nlattn.load_weights(block, good)  # and a good file does load
     assert all(np.array_equal(nlattn.export_weights(block)[k], w[k] + 1) for k in w)
 
 
 # ----------------------------------------------------------------------------------------------
 # a model holding several blocks: torch -> Keras -> Flax -> torch
 # ----------------------------------------------------------------------------------------------
+
 
 def test_model_with_several_blocks_ports_round_the_frameworks():
     import nlattn.jax as nj
@@ -201,13 +213,19 @@ def test_model_with_several_blocks_ports_round_the_frameworks():
         def __call__(self, x):
             return self.sa(self.nl(x))
 
-    keras_net = keras.Sequential([keras.Input((4, 4, 8)), nk.NonLocalBlock2D(8, mode="dot_product", name="nl"),
-                                  nk.SelfAttention(8, name="sa")])
+    keras_net = keras.Sequential(
+        [keras.Input((4, 4, 8)), nk.NonLocalBlock2D(8, mode="dot_product", name="nl"), nk.SelfAttention(8, name="sa")]
+    )
     torch_net, flax_net = TorchNet(), FlaxNet(nnx.Rngs(0))
-    specs = {"nl": make_config("NonLocalBlock2D", in_channels=8, mode="dot_product"),
-             "sa": make_config("SelfAttention", in_channels=8)}
-    w = {f"{p}.{k}": v.astype(np.float32) for seed, (p, spec) in enumerate(specs.items())
-         for k, v in random_weights(spec.schema(), np.random.default_rng(seed)).items()}
+    specs = {
+        "nl": make_config("NonLocalBlock2D", in_channels=8, mode="dot_product"),
+        "sa": make_config("SelfAttention", in_channels=8),
+    }
+    w = {
+        f"{p}.{k}": v.astype(np.float32)
+        for seed, (p, spec) in enumerate(specs.items())
+        for k, v in random_weights(spec.schema(), np.random.default_rng(seed)).items()
+    }
 
     nlattn.load_weights(torch_net, w)
     chain = (torch_net, keras_net, flax_net, TorchNet())
@@ -236,10 +254,18 @@ def test_model_with_several_blocks_ports_round_the_frameworks():
 # nlattn.build from a checkpoint, and nlattn convert to every framework's format
 # ----------------------------------------------------------------------------------------------
 
-ALEXHEX7 = {"g.weight": "g.0.weight", "g.bias": "g.0.bias", "phi.weight": "phi.0.weight",
-            "phi.bias": "phi.0.bias", "W.weight": "W.0.weight", "W.bias": "W.0.bias",
-            "bn.weight": "W.1.weight", "bn.bias": "W.1.bias", "bn.running_mean": "W.1.running_mean",
-            "bn.running_var": "W.1.running_var"}
+ALEXHEX7 = {
+    "g.weight": "g.0.weight",
+    "g.bias": "g.0.bias",
+    "phi.weight": "phi.0.weight",
+    "phi.bias": "phi.0.bias",
+    "W.weight": "W.0.weight",
+    "W.bias": "W.0.bias",
+    "bn.weight": "W.1.weight",
+    "bn.bias": "W.1.bias",
+    "bn.running_mean": "W.1.running_mean",
+    "bn.running_var": "W.1.running_var",
+}
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +287,7 @@ def test_build_from_checkpoint_and_file(published, fw, tmp_path):
     assert type(block).__name__ == "NonLocalBlock2D" and framework_of(block) == fw
     assert block.spec == ckpt.spec()
     assert error(forward(fw, block, x), ref) <= TOL
-    nlattn.save_weights(tmp_path / "nl.safetensors", block)          # from the framework block
+    nlattn.save_weights(tmp_path / "nl.safetensors", block)  # from the framework block
     again = nlattn.build(tmp_path / "nl.safetensors", fw)
     assert_bit_exact(nlattn.export_weights(again), w, list(w))
 
@@ -284,21 +310,22 @@ def test_convert_to_each_framework_format(published, tmp_path, capsys):
         assert "nl.W.1.running_var -> bn.running_var" in capsys.readouterr().out
         outputs[suffix] = dst
 
-    ckpt = nlattn.load_file(outputs[".safetensors"])                  # canonical: the reference
+    ckpt = nlattn.load_file(outputs[".safetensors"])  # canonical: the reference
     assert error(run(ckpt.block, x, ckpt.weights, ckpt.config), ref) <= TOL
 
     import nlattn.jax as nj
     import nlattn.tf as nk
     import nlattn.torch as nt
-    module = nt.NonLocalBlock2D(4)                                   # torch state dict
+
+    module = nt.NonLocalBlock2D(4)  # torch state dict
     module.load_state_dict(torch.load(outputs[".pt"], map_location="cpu", weights_only=True))
     assert error(forward("torch", module, x), ref) <= TOL
 
-    layer = nk.NonLocalBlock2D(4)                                    # Keras weights
+    layer = nk.NonLocalBlock2D(4)  # Keras weights
     keras.Sequential([keras.Input(keras_input_shape(layer)), layer]).load_weights(outputs[".weights.h5"])
     assert error(forward("tf", layer, x), ref) <= TOL
 
-    block = nj.NonLocalBlock2D(4, rngs=nnx.Rngs(1))                  # Flax nnx state
+    block = nj.NonLocalBlock2D(4, rngs=nnx.Rngs(1))  # Flax nnx state
     state = nnx.state(block)
     nnx.replace_by_pure_dict(state, serialization.msgpack_restore(outputs[".msgpack"].read_bytes()))
     nnx.update(block, state)

@@ -27,11 +27,11 @@ def softmax_list(values):
 
 def conv1x1(w, b, x, c_out):
     """(C_in,) pixel vector -> (C_out,) by explicit loops."""
-    return [sum(w[o, i] * x[i] for i in range(len(x))) + (b[o] if b is not None else 0.0)
-            for o in range(c_out)]
+    return [sum(w[o, i] * x[i] for i in range(len(x))) + (b[o] if b is not None else 0.0) for o in range(c_out)]
 
 
 # --- non-local, explicit loops ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian", "dot_product", "concatenation"])
 def test_non_local_matches_loops(mode):
@@ -53,8 +53,11 @@ def test_non_local_matches_loops(mode):
     for i in range(n):
         if mode == "concatenation":
             wc = w["concat_project.weight"].reshape(-1)
-            row = [max(0.0, sum(wc[k] * theta[i][k] for k in range(ci))
-                       + sum(wc[ci + k] * phi[j][k] for k in range(ci))) / n for j in range(n)]
+            row = [
+                max(0.0, sum(wc[k] * theta[i][k] for k in range(ci)) + sum(wc[ci + k] * phi[j][k] for k in range(ci)))
+                / n
+                for j in range(n)
+            ]
         else:
             dots = [sum(a * b for a, b in zip(theta[i], phi[j])) for j in range(n)]
             row = softmax_list(dots) if mode in ("embedded_gaussian", "gaussian") else [d / n for d in dots]
@@ -64,8 +67,11 @@ def test_non_local_matches_loops(mode):
     for idx, (i, j) in enumerate(itertools.product(range(h), range(w_))):
         y = [sum(expected_attn[idx, m] * g[m][k] for m in range(n)) for k in range(ci)]
         z = conv1x1(w["W.weight"][:, :, 0, 0], w["W.bias"], y, c)
-        z = [(z[k] - w["bn.running_mean"][k]) / math.sqrt(w["bn.running_var"][k] + 1e-5)
-             * w["bn.weight"][k] + w["bn.bias"][k] for k in range(c)]
+        z = [
+            (z[k] - w["bn.running_mean"][k]) / math.sqrt(w["bn.running_var"][k] + 1e-5) * w["bn.weight"][k]
+            + w["bn.bias"][k]
+            for k in range(c)
+        ]
         np.testing.assert_allclose(out[0, :, i, j], np.array(z) + pix[idx], rtol=1e-12, atol=1e-13)
 
 
@@ -75,11 +81,10 @@ def test_non_local_subsample_pools_phi_and_g_after_conv():
     w = weights_for("NonLocalBlock2D", **cfg)
     x = RNG.normal(size=(2, 4, 5, 7))
     _, attn = ref.non_local_2d(x, w, return_attention=True, **cfg)
-    assert attn.shape == (2, 35, 2 * 3)          # floor(5/2) * floor(7/2) keys
+    assert attn.shape == (2, 35, 2 * 3)  # floor(5/2) * floor(7/2) keys
 
     def conv(name):
-        return np.einsum("oi,bihw->bohw", w[f"{name}.weight"][:, :, 0, 0], x) \
-            + w[f"{name}.bias"][None, :, None, None]
+        return np.einsum("oi,bihw->bohw", w[f"{name}.weight"][:, :, 0, 0], x) + w[f"{name}.bias"][None, :, None, None]
 
     phi = conv("phi")[:, :, :4, :6].reshape(2, 2, 2, 2, 3, 2).max(axis=(3, 5)).reshape(2, 2, -1)
     theta = conv("theta").reshape(2, 2, -1)
@@ -103,10 +108,12 @@ def test_dot_product_equals_reassociated_form():
     out = ref.non_local_3d(x, w, **cfg)
 
     def conv(name, t):
-        return np.einsum("oi,bithw->bothw", w[f"{name}.weight"][..., 0, 0, 0], t) \
+        return (
+            np.einsum("oi,bithw->bothw", w[f"{name}.weight"][..., 0, 0, 0], t)
             + w[f"{name}.bias"][None, :, None, None, None]
+        )
 
-    def pool(t):   # (1, 2, 2) floor: T stays, H 5 -> 2, W 4 -> 2
+    def pool(t):  # (1, 2, 2) floor: T stays, H 5 -> 2, W 4 -> 2
         b, c, tt = t.shape[:3]
         return t[:, :, :, :4, :4].reshape(b, c, tt, 2, 2, 2, 2).max(axis=(4, 6)).reshape(b, c, -1)
 
@@ -140,16 +147,19 @@ def test_share_query_key_uses_theta_for_phi():
     assert "phi.weight" not in w
     x = RNG.normal(size=(2, 4, 3, 3))
     _, attn = ref.non_local_2d(x, w, return_attention=True, **cfg)
-    theta = (np.einsum("oi,bihw->bohw", w["theta.weight"][:, :, 0, 0], x)
-             + w["theta.bias"][None, :, None, None]).reshape(2, 2, -1)
+    theta = (
+        np.einsum("oi,bihw->bohw", w["theta.weight"][:, :, 0, 0], x) + w["theta.bias"][None, :, None, None]
+    ).reshape(2, 2, -1)
     e = np.einsum("bcn,bcm->bnm", theta, theta)
     np.testing.assert_allclose(attn, np.exp(e) / np.exp(e).sum(-1, keepdims=True), rtol=1e-12)
 
 
 # --- SAGAN / PAM / CAM / CCNet -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("fn,block", [(ref.self_attention, "SelfAttention"),
-                                      (ref.position_attention, "PositionAttention")])
+
+@pytest.mark.parametrize(
+    "fn,block", [(ref.self_attention, "SelfAttention"), (ref.position_attention, "PositionAttention")]
+)
 def test_sagan_pam_match_loops(fn, block):
     w = weights_for(block, in_channels=8)
     x = RNG.normal(size=(1, 8, 2, 2))
@@ -162,8 +172,7 @@ def test_sagan_pam_match_loops(fn, block):
         a = softmax_list([q[i][0] * k[j][0] for j in range(4)])
         np.testing.assert_allclose(attn[0, i], a, rtol=1e-12)
         o = [sum(a[j] * v[j][c] for j in range(4)) for c in range(8)]
-        np.testing.assert_allclose(out[0, :, i // 2, i % 2],
-                                   w["gamma"][0] * np.array(o) + pix[i], rtol=1e-12)
+        np.testing.assert_allclose(out[0, :, i // 2, i % 2], w["gamma"][0] * np.array(o) + pix[i], rtol=1e-12)
 
 
 def test_cam_max_minus_form_is_softmax_of_negative_energy():
@@ -187,8 +196,10 @@ def test_criss_cross_brute_force(recurrence):
     out = ref.criss_cross_attention(x0, w, **cfg)
     x = x0[0].copy()
     c, h, wd = x.shape
-    proj = lambda name, t: (np.einsum("oi,ihw->ohw", w[f"{name}.weight"][:, :, 0, 0], t)  # noqa: E731
-                            + w[f"{name}.bias"][:, None, None])
+    proj = lambda name, t: (
+        np.einsum("oi,ihw->ohw", w[f"{name}.weight"][:, :, 0, 0], t)  # noqa: E731
+        + w[f"{name}.bias"][:, None, None]
+    )
     for _ in range(recurrence):
         q, k, v = proj("query_conv", x), proj("key_conv", x), proj("value_conv", x)
         new = np.empty_like(x)
@@ -201,9 +212,14 @@ def test_criss_cross_brute_force(recurrence):
     np.testing.assert_allclose(out[0], x, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("block,fn", [("NonLocalBlock2D", ref.non_local_2d),
-                                      ("SelfAttention", ref.self_attention),
-                                      ("PositionAttention", ref.position_attention)])
+@pytest.mark.parametrize(
+    "block,fn",
+    [
+        ("NonLocalBlock2D", ref.non_local_2d),
+        ("SelfAttention", ref.self_attention),
+        ("PositionAttention", ref.position_attention),
+    ],
+)
 def test_permutation_equivariance(block, fn):
     """Without sub-sampling, permuting positions permutes the output the same way."""
     cfg = {"in_channels": 8}
@@ -213,20 +229,25 @@ def test_permutation_equivariance(block, fn):
     x = RNG.normal(size=(2, 8, 3, 5))
     perm = RNG.permutation(15)
     xp = x.reshape(2, 8, 15)[:, :, perm].reshape(x.shape)
-    np.testing.assert_allclose(fn(xp, w, **cfg).reshape(2, 8, 15),
-                               fn(x, w, **cfg).reshape(2, 8, 15)[:, :, perm], rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(
+        fn(xp, w, **cfg).reshape(2, 8, 15), fn(x, w, **cfg).reshape(2, 8, 15)[:, :, perm], rtol=1e-11, atol=1e-12
+    )
 
 
 # --- identity at init, stability, BN train ----------------------------------------------------------
 
-@pytest.mark.parametrize("block,config,zero", [
-    ("NonLocalBlock2D", {"in_channels": 4}, ["bn.weight", "bn.bias"]),
-    ("NonLocalBlock1D", {"in_channels": 4, "bn_layer": False}, ["W.weight", "W.bias"]),
-    ("SelfAttention", {"in_channels": 8}, ["gamma"]),
-    ("PositionAttention", {"in_channels": 8}, ["gamma"]),
-    ("ChannelAttention", {}, ["gamma"]),
-    ("CrissCrossAttention", {"in_channels": 8, "recurrence": 2}, ["gamma"]),
-])
+
+@pytest.mark.parametrize(
+    "block,config,zero",
+    [
+        ("NonLocalBlock2D", {"in_channels": 4}, ["bn.weight", "bn.bias"]),
+        ("NonLocalBlock1D", {"in_channels": 4, "bn_layer": False}, ["W.weight", "W.bias"]),
+        ("SelfAttention", {"in_channels": 8}, ["gamma"]),
+        ("PositionAttention", {"in_channels": 8}, ["gamma"]),
+        ("ChannelAttention", {}, ["gamma"]),
+        ("CrissCrossAttention", {"in_channels": 8, "recurrence": 2}, ["gamma"]),
+    ],
+)
 def test_identity_at_published_init(block, config, zero):
     cfg = make_config(block, **config)
     w = random_weights(cfg.schema(), np.random.default_rng(0))
@@ -236,13 +257,18 @@ def test_identity_at_published_init(block, config, zero):
     np.testing.assert_array_equal(ref.run(block, x, w, config), x)
 
 
-@pytest.mark.parametrize("block,config", [("NonLocalBlock2D", {"in_channels": 8}),
-                                          ("SelfAttention", {"in_channels": 8}),
-                                          ("ChannelAttention", {}),
-                                          ("CrissCrossAttention", {"in_channels": 8})])
+@pytest.mark.parametrize(
+    "block,config",
+    [
+        ("NonLocalBlock2D", {"in_channels": 8}),
+        ("SelfAttention", {"in_channels": 8}),
+        ("ChannelAttention", {}),
+        ("CrissCrossAttention", {"in_channels": 8}),
+    ],
+)
 def test_large_activations_give_no_nan(block, config):
     w = weights_for(block, **config)
-    x = RNG.normal(size=(2, 8, 4, 5)) * 1e4      # energies ~1e8: exp would overflow without max-subtraction
+    x = RNG.normal(size=(2, 8, 4, 5)) * 1e4  # energies ~1e8: exp would overflow without max-subtraction
     out, attn = ref.run(block, x, w, config, return_attention=True)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(attn))
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-12)
@@ -257,11 +283,12 @@ def test_batchnorm_train_statistics(unbiased):
     stats = ref.RunningStats(unbiased)
     out = ref.non_local_2d(x, w, training=True, stats=stats, **cfg)
     w_nobn = {k: v for k, v in w.items() if not k.startswith("bn.")}
-    z = ref.non_local_2d(x, w_nobn, **{**cfg, "bn_layer": False}) - x     # W(y), before BN
+    z = ref.non_local_2d(x, w_nobn, **{**cfg, "bn_layer": False}) - x  # W(y), before BN
     mean, var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))
     bn = (z - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
-    np.testing.assert_allclose(out, bn * w["bn.weight"][None, :, None, None]
-                               + w["bn.bias"][None, :, None, None] + x, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        out, bn * w["bn.weight"][None, :, None, None] + w["bn.bias"][None, :, None, None] + x, rtol=1e-10, atol=1e-12
+    )
     n = 3 * 3 * 3
     update_var = var * n / (n - 1) if unbiased else var
     np.testing.assert_allclose(stats.updates["bn.running_mean"], 0.75 * w["bn.running_mean"] + 0.25 * mean)
@@ -281,45 +308,54 @@ def test_rga_spatial_only_is_a_sigmoid_gate():
 
 def test_evc_assignment_is_a_distribution_over_codes():
     w = weights_for("ExplicitVisualCenter", in_channels=8, num_codes=5)
-    out, assign = ref.explicit_visual_center(RNG.normal(size=(2, 8, 4, 3)), w, return_attention=True,
-                                             in_channels=8, num_codes=5)
+    out, assign = ref.explicit_visual_center(
+        RNG.normal(size=(2, 8, 4, 3)), w, return_attention=True, in_channels=8, num_codes=5
+    )
     assert out.shape == (2, 8, 4, 3) and assign.shape == (2, 12, 5)
     np.testing.assert_allclose(assign.sum(-1), 1.0, rtol=1e-12)
 
 
 def test_gelu_is_exact():
     from nlattn.numpy_ref._ops import gelu
+
     x = np.array([-3.0, -0.5, 0.0, 0.7, 2.5])
     np.testing.assert_allclose(gelu(x), [x_ * 0.5 * (1 + math.erf(x_ / math.sqrt(2))) for x_ in x], rtol=1e-15)
 
 
 # --- errors -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block,config,match", [
-    ("SelfAttention", {"in_channels": 4}, "in_channels // qk_ratio"),
-    ("NonLocalBlock2D", {"in_channels": 8, "mode": "bogus"}, "mode must be one of"),
-    ("NonLocalBlock2D", {"in_channels": 8, "num_heads": 3}, "must divide"),
-    ("NonLocalBlock2D", {"in_channels": 8, "mode": "concatenation", "num_heads": 2}, "concatenation"),
-    ("RelationAwareAttention", {"in_channels": 16, "spatial_size": (8, 8)}, "down_ratio"),
-    ("RelationAwareAttention", {"in_channels": 64, "spatial_size": (2, 2)}, "spa_ratio"),
-    ("NonLocalMeans", {"patch_size": 4}, "odd"),
-    ("ExplicitVisualCenter", {"in_channels": 2}, "in_channels"),
-    ("CrissCrossAttention", {"in_channels": 8, "recurrence": 0}, "recurrence"),
-    ("SelfAttention", {"in_channels": 8, "bogus": 1}, "unknown option"),
-    # strict types: a string is not a bool, NaN is not a number (these were accepted in 0.1)
-    ("NonLocalBlock2D", {"in_channels": 8, "bn_layer": "False"}, "bn_layer must be True or False"),
-    ("NonLocalBlock2D", {"in_channels": 8, "sub_sample": "no"}, "sub_sample must be True or False"),
-    ("NonLocalBlock2D", {"in_channels": 8.0}, "in_channels must be an integer"),
-    ("NonLocalBlock2D", {"in_channels": 8, "scale": float("nan")}, "scale must be a finite number"),
-    ("ExplicitVisualCenter", {"in_channels": 8, "layer_scale_init": float("nan")}, "layer_scale_init"),
-    ("ExplicitVisualCenter", {"in_channels": 8, "bn_momentum": 5}, r"bn_momentum must be in \[0, 1\]"),
-    ("ExplicitVisualCenter", {"in_channels": 8, "encoding_bn_eps": 0.0}, "encoding_bn_eps must be > 0"),
-    ("RelationAwareAttention", {"in_channels": 16, "spatial_size": (4, 5), "cha_ratio": 2, "spa_ratio": 4,
-                                "down_ratio": 2, "bn_eps": -1}, "bn_eps must be > 0"),
-    ("RelationAwareAttention", {"in_channels": 16, "spatial_size": "4x5"}, "spatial_size must be a tuple"),
-    ("Scale", {"init": "abc"}, "init must be a finite number"),
-    ("NonLocalMeans", {"h": float("inf")}, "h must be a finite number"),
-])
+
+@pytest.mark.parametrize(
+    "block,config,match",
+    [
+        ("SelfAttention", {"in_channels": 4}, "in_channels // qk_ratio"),
+        ("NonLocalBlock2D", {"in_channels": 8, "mode": "bogus"}, "mode must be one of"),
+        ("NonLocalBlock2D", {"in_channels": 8, "num_heads": 3}, "must divide"),
+        ("NonLocalBlock2D", {"in_channels": 8, "mode": "concatenation", "num_heads": 2}, "concatenation"),
+        ("RelationAwareAttention", {"in_channels": 16, "spatial_size": (8, 8)}, "down_ratio"),
+        ("RelationAwareAttention", {"in_channels": 64, "spatial_size": (2, 2)}, "spa_ratio"),
+        ("NonLocalMeans", {"patch_size": 4}, "odd"),
+        ("ExplicitVisualCenter", {"in_channels": 2}, "in_channels"),
+        ("CrissCrossAttention", {"in_channels": 8, "recurrence": 0}, "recurrence"),
+        ("SelfAttention", {"in_channels": 8, "bogus": 1}, "unknown option"),
+        # strict types: a string is not a bool, NaN is not a number (these were accepted in 0.1)
+        ("NonLocalBlock2D", {"in_channels": 8, "bn_layer": "False"}, "bn_layer must be True or False"),
+        ("NonLocalBlock2D", {"in_channels": 8, "sub_sample": "no"}, "sub_sample must be True or False"),
+        ("NonLocalBlock2D", {"in_channels": 8.0}, "in_channels must be an integer"),
+        ("NonLocalBlock2D", {"in_channels": 8, "scale": float("nan")}, "scale must be a finite number"),
+        ("ExplicitVisualCenter", {"in_channels": 8, "layer_scale_init": float("nan")}, "layer_scale_init"),
+        ("ExplicitVisualCenter", {"in_channels": 8, "bn_momentum": 5}, r"bn_momentum must be in \[0, 1\]"),
+        ("ExplicitVisualCenter", {"in_channels": 8, "encoding_bn_eps": 0.0}, "encoding_bn_eps must be > 0"),
+        (
+            "RelationAwareAttention",
+            {"in_channels": 16, "spatial_size": (4, 5), "cha_ratio": 2, "spa_ratio": 4, "down_ratio": 2, "bn_eps": -1},
+            "bn_eps must be > 0",
+        ),
+        ("RelationAwareAttention", {"in_channels": 16, "spatial_size": "4x5"}, "spatial_size must be a tuple"),
+        ("Scale", {"init": "abc"}, "init must be a finite number"),
+        ("NonLocalMeans", {"h": float("inf")}, "h must be a finite number"),
+    ],
+)
 def test_bad_configs_fail_at_construction(block, config, match):
     with pytest.raises(ConfigError, match=match) as e:
         make_config(block, **config)
@@ -327,23 +363,30 @@ def test_bad_configs_fail_at_construction(block, config, match):
 
 
 def test_numpy_scalars_are_plain_values_in_the_config():
-    cfg = make_config("NonLocalBlock2D", in_channels=np.int64(16), sub_sample=np.bool_(False),
-                      bn_eps=np.float32(1e-3))
+    cfg = make_config("NonLocalBlock2D", in_channels=np.int64(16), sub_sample=np.bool_(False), bn_eps=np.float32(1e-3))
     assert (cfg.in_channels, cfg.sub_sample) == (16, False)
     assert type(cfg.in_channels) is int and type(cfg.sub_sample) is bool and type(cfg.bn_eps) is float
     assert json.loads(json.dumps(cfg.to_dict()))["in_channels"] == 16
-    rga = make_config("RelationAwareAttention", in_channels=16, spatial_size=[np.int32(4), 5], cha_ratio=2,
-                      spa_ratio=4, down_ratio=2)
+    rga = make_config(
+        "RelationAwareAttention", in_channels=16, spatial_size=[np.int32(4), 5], cha_ratio=2, spa_ratio=4, down_ratio=2
+    )
     assert rga.spatial_size == (4, 5) and all(type(s) is int for s in rga.spatial_size)
 
 
-@pytest.mark.parametrize("block,config,shape,match", [
-    ("SelfAttention", {"in_channels": 8}, (2, 8, 4), "rank-4"),
-    ("SelfAttention", {"in_channels": 8}, (2, 6, 4, 4), "expected 8 channels, got 6"),
-    ("RelationAwareAttention", {"in_channels": 8, "spatial_size": (4, 4), "cha_ratio": 2, "spa_ratio": 2,
-                                "down_ratio": 2}, (2, 8, 4, 5), r"spatial size \(4, 4\)"),
-    ("NonLocalBlock2D", {"in_channels": 4}, (2, 4, 1, 5), "sub_sample"),
-])
+@pytest.mark.parametrize(
+    "block,config,shape,match",
+    [
+        ("SelfAttention", {"in_channels": 8}, (2, 8, 4), "rank-4"),
+        ("SelfAttention", {"in_channels": 8}, (2, 6, 4, 4), "expected 8 channels, got 6"),
+        (
+            "RelationAwareAttention",
+            {"in_channels": 8, "spatial_size": (4, 4), "cha_ratio": 2, "spa_ratio": 2, "down_ratio": 2},
+            (2, 8, 4, 5),
+            r"spatial size \(4, 4\)",
+        ),
+        ("NonLocalBlock2D", {"in_channels": 4}, (2, 4, 1, 5), "sub_sample"),
+    ],
+)
 def test_bad_inputs(block, config, shape, match):
     w = weights_for(block, **config)
     with pytest.raises(InputError, match=match) as e:
@@ -366,8 +409,13 @@ def test_weight_errors_list_every_problem():
     with pytest.raises(WeightError) as e:
         ref.self_attention(np.zeros((1, 8, 2, 2)), w)
     text = str(e.value)
-    for piece in ("missing 'key_conv.bias'", "'query_conv.weight' has shape (2, 8, 1, 1)", "non-finite",
-                  "unexpected 'extra'", "'gamma' has dtype int64"):
+    for piece in (
+        "missing 'key_conv.bias'",
+        "'query_conv.weight' has shape (2, 8, 1, 1)",
+        "non-finite",
+        "unexpected 'extra'",
+        "'gamma' has dtype int64",
+    ):
         assert piece in text
     assert len(e.value.problems) == 5 and text.startswith("SelfAttention")
 
@@ -380,8 +428,16 @@ def test_float_dtype_check_knows_low_precision_floats_once_ml_dtypes_is_loaded()
     import ml_dtypes  # noqa: F401  (jax and tensorflow load it: numpy then knows "bfloat16")
 
     from nlattn.specs import check_float_dtype
-    for ok in ("bfloat16", "torch.bfloat16", np.dtype("bfloat16"), "float16", np.float32,
-               "float8_e4m3fn", "<class 'jax.numpy.float64'>"):
+
+    for ok in (
+        "bfloat16",
+        "torch.bfloat16",
+        np.dtype("bfloat16"),
+        "float16",
+        np.float32,
+        "float8_e4m3fn",
+        "<class 'jax.numpy.float64'>",
+    ):
         check_float_dtype("NonLocalBlock2D", ok)
     for bad in ("int32", "torch.int64", np.dtype(bool), "complex64", "uint8"):
         with pytest.raises(InputError, match="NonLocalBlock2D: expected a floating-point input"):

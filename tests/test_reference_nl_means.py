@@ -23,13 +23,14 @@ TOL = 1e-6
 # images (H, W, C) in [0, 1] plus fixed-seed Gaussian noise, small crops of scikit-image's own data
 # ----------------------------------------------------------------------------------------------
 
+
 def _camera(h=40, w=48, noise=0.08, seed=0):
-    img = data.camera()[200:200 + h, 220:220 + w] / 255.0
+    img = data.camera()[200 : 200 + h, 220 : 220 + w] / 255.0
     return img + noise * np.random.default_rng(seed).standard_normal(img.shape)
 
 
 def _astronaut(h=32, w=36, noise=0.08, seed=1):
-    img = data.astronaut()[100:100 + h, 180:180 + w] / 255.0
+    img = data.astronaut()[100 : 100 + h, 180 : 180 + w] / 255.0
     return img + noise * np.random.default_rng(seed).standard_normal(img.shape)
 
 
@@ -41,6 +42,7 @@ def _ours(img_hwc, **cfg):
 # ----------------------------------------------------------------------------------------------
 # an explicit, deliberately naive loop over pixels, candidates, patch rows, columns and channels
 # ----------------------------------------------------------------------------------------------
+
 
 def _fast_exp_scalar(y):
     # Schraudolph's trick: high 32 bits of a double = int(2**20/ln2 * y) + 1023*2**20 - 60801
@@ -59,8 +61,7 @@ def _loop_nlm(img, s, d, h, sigma, *, cutoff=True, exp=_fast_exp_scalar):
         kern = [[1.0]]
     else:
         a = (s - 1) / 4
-        kern = [[math.exp(-(k * k + l * l) / (2 * a * a)) for l in range(-o, o + 1)]
-                for k in range(-o, o + 1)]
+        kern = [[math.exp(-(k * k + l * l) / (2 * a * a)) for l in range(-o, o + 1)] for k in range(-o, o + 1)]
     total = sum(map(sum, kern))
     kern = [[v / (n_ch * total * h * h) for v in row] for row in kern]
     out = np.empty_like(img)
@@ -110,8 +111,7 @@ def test_matches_skimage_grayscale(patch_size, patch_distance, h, sigma):
 @pytest.mark.parametrize("patch_size, patch_distance, h, sigma", PARAMS)
 def test_matches_skimage_colour(patch_size, patch_distance, h, sigma):
     img = _astronaut()
-    ref = denoise_nl_means(img, patch_size, patch_distance, h, fast_mode=False, sigma=sigma,
-                           channel_axis=-1)
+    ref = denoise_nl_means(img, patch_size, patch_distance, h, fast_mode=False, sigma=sigma, channel_axis=-1)
     out = _ours(img, patch_size=patch_size, patch_distance=patch_distance, h=h, sigma=sigma)
     assert np.abs(out - ref).max() <= TOL
 
@@ -132,6 +132,7 @@ def test_quirks_are_what_skimage_does(sigma):
 # ----------------------------------------------------------------------------------------------
 # against the explicit loop, batches, edge cases
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("channels, sigma", [(1, 0.0), (1, 0.1), (2, 0.05)])
 def test_matches_explicit_loop(channels, sigma):
@@ -155,7 +156,7 @@ def test_batch_equals_separate_calls():
     out = non_local_means(x, **cfg)
     assert out.shape == x.shape and out.dtype == np.float64
     for k in range(2):
-        np.testing.assert_array_equal(out[k:k + 1], non_local_means(x[k:k + 1], **cfg))
+        np.testing.assert_array_equal(out[k : k + 1], non_local_means(x[k : k + 1], **cfg))
 
 
 def test_no_search_window_is_identity_and_float32_input_is_accepted():
@@ -165,25 +166,25 @@ def test_no_search_window_is_identity_and_float32_input_is_accepted():
     np.testing.assert_allclose(out, x.astype(np.float64), rtol=1e-15, atol=0)
 
 
-_EXP_A_FOR_TEST = 2 ** 20 / math.log(2)
+_EXP_A_FOR_TEST = 2**20 / math.log(2)
 
 
 def test_fast_exp():
     assert fast_exp(0.0) == _fast_exp_scalar(0.0)
-    assert abs(fast_exp(0.0) - 0.97101) < 1e-5                   # not 1: it is an approximation
+    assert abs(fast_exp(0.0) - 0.97101) < 1e-5  # not 1: it is an approximation
     y = -np.linspace(0, 700, 100001)
     f = fast_exp(y)
     np.testing.assert_array_equal(f[::997], [_fast_exp_scalar(v) for v in y[::997]])
-    assert (np.diff(f) <= 0).all()                               # monotone
-    assert np.abs(f / np.exp(y) - 1).max() < 0.06                # within a few per cent
-    assert (fast_exp([-800.0, -1e4, -np.inf]) == 0).all()        # where the bit trick would wrap
+    assert (np.diff(f) <= 0).all()  # monotone
+    assert np.abs(f / np.exp(y) - 1).max() < 0.06  # within a few per cent
+    assert (fast_exp([-800.0, -1e4, -np.inf]) == 0).all()  # where the bit trick would wrap
 
 
 def test_fast_exp_envelope_is_the_continuous_function_fast_exp_samples():
     y = -np.random.default_rng(11).uniform(0, 40, 100000)
     f, e = fast_exp(y), fast_exp_envelope(y)
     # for y < 0 truncation toward zero raises the high word by less than one unit: at most 2**-20 above
-    assert (f >= e).all() and (f <= e * (1 + 2.0 ** -20)).all()
+    assert (f >= e).all() and (f <= e * (1 + 2.0**-20)).all()
     # the slope inside a binade is 2**(E-1023)/ln 2 (frexp's exponent e is E - 1022), by a secant far
     # wider than fast_exp's 6.6e-7-wide steps but inside one binade
     m, ex = np.frexp(e)
@@ -207,29 +208,42 @@ def test_derivatives_are_taken_of_the_envelope():
     envelope = run("NonLocalMeans", x, {}, cfg, for_derivative=True)
     exact = run("NonLocalMeans", x, {}, cfg)
     np.testing.assert_array_equal(exact, non_local_means(x, **cfg))
-    assert 0 < np.abs(envelope - exact).max() < 1e-5            # a different function, barely
+    assert 0 < np.abs(envelope - exact).max() < 1e-5  # a different function, barely
 
 
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [
-    dict(patch_size=4), dict(patch_size=0), dict(patch_size=2.0), dict(patch_distance=-1),
-    dict(h=0.0), dict(h=-0.1), dict(sigma=-1.0), dict(nonsense=1),
-])
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(patch_size=4),
+        dict(patch_size=0),
+        dict(patch_size=2.0),
+        dict(patch_distance=-1),
+        dict(h=0.0),
+        dict(h=-0.1),
+        dict(sigma=-1.0),
+        dict(nonsense=1),
+    ],
+)
 def test_bad_config(bad):
     with pytest.raises(ConfigError):
         non_local_means(np.zeros((1, 1, 8, 8)), **bad)
 
 
-@pytest.mark.parametrize("x", [
-    np.zeros((8, 8)),                          # no batch / channel axes
-    np.zeros((1, 8, 8)),                       # rank 3
-    np.zeros((1, 1, 2, 8, 8)),                 # rank 5
-    np.zeros((1, 1, 8, 8), dtype=np.int64),    # not floating point
-    np.zeros((1, 1, 3, 8)),                    # 3 <= 7 // 2: cannot reflect-pad
-])
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.zeros((8, 8)),  # no batch / channel axes
+        np.zeros((1, 8, 8)),  # rank 3
+        np.zeros((1, 1, 2, 8, 8)),  # rank 5
+        np.zeros((1, 1, 8, 8), dtype=np.int64),  # not floating point
+        np.zeros((1, 1, 3, 8)),  # 3 <= 7 // 2: cannot reflect-pad
+    ],
+)
 def test_bad_input(x):
     with pytest.raises(InputError):
         non_local_means(x)

@@ -26,9 +26,9 @@ from nlattn.specs import random_weights, tensors
 from nlattn.weights import LAYOUT_VERSION, UnsafePickleError, WeightFileError, read_state_dict
 from nlattn.weights.frameworks import backend, build, framework_of, load_weights
 
-CASES = {   # one config per family; RGA has a tuple keyword, timm-like configs a float scale
+CASES = {  # one config per family; RGA has a tuple keyword, timm-like configs a float scale
     "NonLocalBlock3D": dict(in_channels=4, mode="dot_product", pool_first=True),
-    "NonLocalBlock2D": dict(in_channels=6, inter_channels=2, scale=6 ** -0.5, bn_eps=1.0000001e-5),
+    "NonLocalBlock2D": dict(in_channels=6, inter_channels=2, scale=6**-0.5, bn_eps=1.0000001e-5),
     "RelationAwareAttention": dict(in_channels=8, spatial_size=(2, 4), cha_ratio=2, spa_ratio=2, down_ratio=2),
     "ExplicitVisualCenter": dict(in_channels=4, num_codes=3, mlp_ratio=2),
     "CrissCrossAttention": dict(in_channels=8, recurrence=2),
@@ -53,6 +53,7 @@ def listing(directory):
 # save_weights / load_file
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("block", list(CASES))
 def test_round_trip_is_bit_exact_with_metadata(tmp_path, block):
     spec = make_config(block, **CASES[block])
@@ -62,19 +63,22 @@ def test_round_trip_is_bit_exact_with_metadata(tmp_path, block):
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata()
     assert set(meta) == {"nlattn_block", "nlattn_config", "nlattn_layout", "nlattn_version"}
-    assert (meta["nlattn_block"], meta["nlattn_layout"], meta["nlattn_version"]) == \
-        (block, LAYOUT_VERSION, nlattn.__version__)
+    assert (meta["nlattn_block"], meta["nlattn_layout"], meta["nlattn_version"]) == (
+        block,
+        LAYOUT_VERSION,
+        nlattn.__version__,
+    )
     assert json.loads(meta["nlattn_config"]) == spec.to_dict()
 
     ckpt = load_file(path)
     assert ckpt.block == block and ckpt.config == spec.to_dict()
-    assert make_config(block, **ckpt.config) == spec           # tuples and floats survive JSON
+    assert make_config(block, **ckpt.config) == spec  # tuples and floats survive JSON
     assert list(ckpt.weights) == list(tensors(spec.schema()))  # schema order
     for name, value in w.items():
         assert ckpt.weights[name].dtype == np.float32
         assert np.array_equal(ckpt.weights[name], value)
     again = tmp_path / "again.safetensors"
-    save_weights(again, ckpt)                                   # load -> save -> load
+    save_weights(again, ckpt)  # load -> save -> load
     twice = load_file(again)
     assert twice.config == ckpt.config
     assert all(np.array_equal(twice.weights[k], v) and twice.weights[k].dtype == v.dtype for k, v in w.items())
@@ -90,15 +94,22 @@ def test_float64_weights_stay_float64(tmp_path):
 
 def test_imported_checkpoint_saves_its_conventions(tmp_path):
     rng = np.random.default_rng(2)
-    sd = {f"{m}.{p}": rng.normal(size=(3, 8, 1, 1) if p == "weight" else (3,)).astype(np.float32)
-          for m in "tpg" for p in ("weight", "bias")}
+    sd = {
+        f"{m}.{p}": rng.normal(size=(3, 8, 1, 1) if p == "weight" else (3,)).astype(np.float32)
+        for m in "tpg"
+        for p in ("weight", "bias")
+    }
     sd["z.weight"], sd["z.bias"] = rng.normal(size=(8, 3, 1, 1)).astype(np.float32), np.zeros(8, np.float32)
-    sd.update({f"norm.{k}": np.full(8, v, np.float32) for k, v in
-               (("weight", 1.5), ("bias", 0.1), ("running_mean", 0.2), ("running_var", 0.9))})
+    sd.update(
+        {
+            f"norm.{k}": np.full(8, v, np.float32)
+            for k, v in (("weight", 1.5), ("bias", 0.1), ("running_mean", 0.2), ("running_var", 0.9))
+        }
+    )
     ckpt = from_checkpoint(sd, "timm")
     save_weights(tmp_path / "timm.safetensors", ckpt)
     back = load_file(tmp_path / "timm.safetensors")
-    assert back.config["scale"] == 8 ** -0.5 and back.config["sub_sample"] is False
+    assert back.config["scale"] == 8**-0.5 and back.config["sub_sample"] is False
     x = rng.normal(size=(1, 8, 3, 3))
     assert np.array_equal(run(back.block, x, back.weights, back.config), run(ckpt.block, x, ckpt.weights, ckpt.config))
 
@@ -110,10 +121,10 @@ def test_saved_files_honour_the_umask_and_keep_an_existing_mode(tmp_path):
         path = save_weights(tmp_path / "new.safetensors", f32(spec), block="Scale", config={})
     finally:
         os.umask(old)
-    assert os.stat(path).st_mode & 0o777 == 0o640           # as open() would create it
+    assert os.stat(path).st_mode & 0o777 == 0o640  # as open() would create it
     os.chmod(path, 0o644)
     save_weights(path, f32(spec, 1), block="Scale", config={})
-    assert os.stat(path).st_mode & 0o777 == 0o644           # rewriting keeps the file's mode
+    assert os.stat(path).st_mode & 0o777 == 0o644  # rewriting keeps the file's mode
     assert np.array_equal(load_file(path).weights["gamma"], f32(spec, 1)["gamma"])
 
 
@@ -130,7 +141,7 @@ def test_two_threads_saving_to_one_path_both_succeed(tmp_path):
             barrier.wait()
             try:
                 save_weights(path, w, block="NonLocalBlock2D", config={"in_channels": 4})
-            except Exception as e:   # noqa: BLE001 - recorded, asserted below
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
                 errors.append(e)
 
         threads = [threading.Thread(target=save, args=(w,)) for w in sets]
@@ -141,7 +152,7 @@ def test_two_threads_saving_to_one_path_both_succeed(tmp_path):
         got = load_file(path).weights
         assert any(all(np.array_equal(got[k], w[k]) for k in w) for w in sets)
     assert not errors
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nl.safetensors"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nl.safetensors"]  # no temporary left
 
 
 def test_save_weights_validates_before_writing(tmp_path):
@@ -151,17 +162,22 @@ def test_save_weights_validates_before_writing(tmp_path):
     save_weights(path, w, config=cfg, block="NonLocalBlock2D")
     before = path.read_bytes()
     bad = dict(w)
-    del bad["theta.bias"]                                  # missing
-    bad["extra.weight"] = np.ones(2, np.float32)           # extra
+    del bad["theta.bias"]  # missing
+    bad["extra.weight"] = np.ones(2, np.float32)  # extra
     bad["phi.weight"] = np.ones((2, 4, 1, 2), np.float32)  # mis-shaped
-    bad["g.bias"] = np.arange(2)                           # integer
-    bad["bn.running_var"] = np.array([1, np.inf, 1, 1], np.float32)   # non-finite
+    bad["g.bias"] = np.arange(2)  # integer
+    bad["bn.running_var"] = np.array([1, np.inf, 1, 1], np.float32)  # non-finite
     with pytest.raises(WeightError) as e:
         save_weights(path, bad, config=cfg, block="NonLocalBlock2D")
     msg = str(e.value)
     assert "5 problem(s)" in msg
-    for part in ("missing 'theta.bias'", "unexpected 'extra.weight'", "'phi.weight' has shape (2, 4, 1, 2)",
-                 "'g.bias' has dtype int64", "'bn.running_var' has non-finite values"):
+    for part in (
+        "missing 'theta.bias'",
+        "unexpected 'extra.weight'",
+        "'phi.weight' has shape (2, 4, 1, 2)",
+        "'g.bias' has dtype int64",
+        "'bn.running_var' has non-finite values",
+    ):
         assert part in msg
     with pytest.raises(ConfigError, match="needs block="):
         save_weights(path, w, config=cfg)
@@ -180,8 +196,12 @@ def write_with_metadata(path, weights, **meta):
 
 
 def good_meta(spec):
-    return {"nlattn_block": spec.block, "nlattn_config": json.dumps(spec.to_dict()),
-            "nlattn_layout": LAYOUT_VERSION, "nlattn_version": nlattn.__version__}
+    return {
+        "nlattn_block": spec.block,
+        "nlattn_config": json.dumps(spec.to_dict()),
+        "nlattn_layout": LAYOUT_VERSION,
+        "nlattn_version": nlattn.__version__,
+    }
 
 
 def test_load_file_failure_modes(tmp_path):
@@ -193,7 +213,7 @@ def test_load_file_failure_modes(tmp_path):
     def fails(path, match, error=WeightFileError):
         with pytest.raises(error, match=match) as e:
             load_file(path)
-        assert isinstance(e.value, ValueError)       # WeightError: a ValueError, never a raw traceback
+        assert isinstance(e.value, ValueError)  # WeightError: a ValueError, never a raw traceback
         if error is WeightFileError:
             assert str(e.value).startswith(str(path))
         return e.value
@@ -209,26 +229,43 @@ def test_load_file_failure_modes(tmp_path):
     fails(tmp_path / "header.safetensors", "not a readable safetensors file")
     fails(write_with_metadata(tmp_path / "foreign.safetensors", w), "not an nlattn weights file")
     fails(write_with_metadata(tmp_path / "hf.safetensors", w, format="pt"), "not an nlattn weights file")
-    fails(write_with_metadata(tmp_path / "v2.safetensors", w, **{**good_meta(spec), "nlattn_layout": "2"}),
-          "canonical layout version '2', this nlattn reads '1'")
-    fails(write_with_metadata(tmp_path / "json.safetensors", w, **{**good_meta(spec), "nlattn_config": "{oops"}),
-          "nlattn_config is not a JSON object")
-    fails(write_with_metadata(tmp_path / "list.safetensors", w, **{**good_meta(spec), "nlattn_config": "[4]"}),
-          "nlattn_config is not a JSON object")
+    fails(
+        write_with_metadata(tmp_path / "v2.safetensors", w, **{**good_meta(spec), "nlattn_layout": "2"}),
+        "canonical layout version '2', this nlattn reads '1'",
+    )
+    fails(
+        write_with_metadata(tmp_path / "json.safetensors", w, **{**good_meta(spec), "nlattn_config": "{oops"}),
+        "nlattn_config is not a JSON object",
+    )
+    fails(
+        write_with_metadata(tmp_path / "list.safetensors", w, **{**good_meta(spec), "nlattn_config": "[4]"}),
+        "nlattn_config is not a JSON object",
+    )
     bad_cfg = {**good_meta(spec), "nlattn_config": json.dumps({**spec.to_dict(), "mode": "cosine"})}
     fails(write_with_metadata(tmp_path / "cfg.safetensors", w, **bad_cfg), "invalid config: .*mode must be one of")
-    fails(write_with_metadata(tmp_path / "blk.safetensors", w, **{**good_meta(spec), "nlattn_block": "Attn"}),
-          "invalid config: unknown block 'Attn'")
+    fails(
+        write_with_metadata(tmp_path / "blk.safetensors", w, **{**good_meta(spec), "nlattn_block": "Attn"}),
+        "invalid config: unknown block 'Attn'",
+    )
     nan = {**w, "W.bias": np.array([0, np.nan, 0, 0], np.float32)}
-    e = fails(write_with_metadata(tmp_path / "nan.safetensors", nan, **good_meta(spec)),
-              "'W.bias' has non-finite values", WeightError)
+    e = fails(
+        write_with_metadata(tmp_path / "nan.safetensors", nan, **good_meta(spec)),
+        "'W.bias' has non-finite values",
+        WeightError,
+    )
     assert "nan.safetensors" in str(e)
     short = {k: v for k, v in w.items() if k != "bn.weight"}
-    fails(write_with_metadata(tmp_path / "short.safetensors", short, **good_meta(spec)),
-          "missing 'bn.weight'", WeightError)
+    fails(
+        write_with_metadata(tmp_path / "short.safetensors", short, **good_meta(spec)),
+        "missing 'bn.weight'",
+        WeightError,
+    )
     ints = {**w, "bn.bias": np.arange(4, dtype=np.int32)}
-    fails(write_with_metadata(tmp_path / "int.safetensors", ints, **good_meta(spec)),
-          "'bn.bias' has dtype int32", WeightError)
+    fails(
+        write_with_metadata(tmp_path / "int.safetensors", ints, **good_meta(spec)),
+        "'bn.bias' has dtype int32",
+        WeightError,
+    )
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         load_file(tmp_path / "absent.safetensors")
     fails(tmp_path, "is a directory")
@@ -238,6 +275,7 @@ def test_load_file_failure_modes(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # safe readers: .pkl (allow-listed unpickler), .pt (weights_only), .npz (allow_pickle=False)
 # ----------------------------------------------------------------------------------------------
+
 
 class Evil:
     """Unpickling calls os.system, which would create the marker file."""
@@ -257,8 +295,9 @@ class EvilExec:
 def test_pickle_of_arrays_loads(tmp_path):
     import collections
 
-    blobs = collections.OrderedDict(a_w=np.arange(6, dtype=np.float32).reshape(2, 3), lr=np.float32(0.1),
-                                    model_iter=7, name="x")
+    blobs = collections.OrderedDict(
+        a_w=np.arange(6, dtype=np.float32).reshape(2, 3), lr=np.float32(0.1), model_iter=7, name="x"
+    )
     for protocol in (2, 4, 5):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=protocol))
@@ -270,13 +309,15 @@ def test_pickle_of_arrays_loads(tmp_path):
 @pytest.mark.parametrize("payload", ["system", "exec", "nested"])
 def test_malicious_pickle_is_refused(tmp_path, payload):
     marker = tmp_path / "MARKER"
-    evil = {"system": Evil(marker), "exec": EvilExec(),
-            "nested": {"blobs": {"nonlocal_conv3_1_theta_w": np.zeros((2, 4, 1, 1, 1), np.float32),
-                                 "lr": Evil(marker)}}}[payload]
+    evil = {
+        "system": Evil(marker),
+        "exec": EvilExec(),
+        "nested": {"blobs": {"nonlocal_conv3_1_theta_w": np.zeros((2, 4, 1, 1, 1), np.float32), "lr": Evil(marker)}},
+    }[payload]
     path = tmp_path / "c2_model.pkl"
     path.write_bytes(pickle.dumps(evil, protocol=2))
     cwd = os.getcwd()
-    os.chdir(tmp_path)              # EvilExec writes ./MARKER
+    os.chdir(tmp_path)  # EvilExec writes ./MARKER
     try:
         refused = r"refused to unpickle global (posix|os|nt|builtins|__builtin__)\.(system|exec)"
         with pytest.raises(UnsafePickleError, match=refused):
@@ -291,10 +332,10 @@ def test_malicious_pickle_is_refused(tmp_path, payload):
 
 def test_allowed_globals_cannot_be_abused(tmp_path):
     path = tmp_path / "codec.pkl"
-    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")          # _codecs.encode('abc', 'rot13')
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")  # _codecs.encode('abc', 'rot13')
     with pytest.raises(WeightFileError, match="only allowed on text with latin1"):
         read_state_dict(path)
-    path.write_bytes(b"cnumpy\nload\n(V/etc/passwd\ntR.")             # numpy, but not an allowed name
+    path.write_bytes(b"cnumpy\nload\n(V/etc/passwd\ntR.")  # numpy, but not an allowed name
     with pytest.raises(UnsafePickleError, match="refused to unpickle global numpy.load"):
         read_state_dict(path)
 
@@ -323,8 +364,12 @@ def test_truncated_corrupt_and_unknown_files(tmp_path):
     pt.write_bytes(b"PK\x03\x04 not really a zip")
     listed = tmp_path / "list.pkl"
     listed.write_bytes(pickle.dumps([np.ones(2)], protocol=2))
-    for path, match in ((pkl, "not a readable pickle"), (npz, "not a readable .npz"),
-                        (pt, "cannot read the PyTorch checkpoint"), (listed, "expected a dict of tensors")):
+    for path, match in (
+        (pkl, "not a readable pickle"),
+        (npz, "not a readable .npz"),
+        (pt, "cannot read the PyTorch checkpoint"),
+        (listed, "expected a dict of tensors"),
+    ):
         with pytest.raises(WeightFileError, match=match) as e:
             read_state_dict(path)
         assert str(path) in str(e.value)
@@ -358,10 +403,18 @@ def test_timm_safetensors_checkpoint(tmp_path):
 # nlattn convert
 # ----------------------------------------------------------------------------------------------
 
-ALEXHEX7 = {"g.weight": "g.0.weight", "g.bias": "g.0.bias", "phi.weight": "phi.0.weight",
-            "phi.bias": "phi.0.bias", "W.weight": "W.0.weight", "W.bias": "W.0.bias",
-            "bn.weight": "W.1.weight", "bn.bias": "W.1.bias", "bn.running_mean": "W.1.running_mean",
-            "bn.running_var": "W.1.running_var"}
+ALEXHEX7 = {
+    "g.weight": "g.0.weight",
+    "g.bias": "g.0.bias",
+    "phi.weight": "phi.0.weight",
+    "phi.bias": "phi.0.bias",
+    "W.weight": "W.0.weight",
+    "W.bias": "W.0.bias",
+    "bn.weight": "W.1.weight",
+    "bn.bias": "W.1.bias",
+    "bn.running_mean": "W.1.running_mean",
+    "bn.running_var": "W.1.running_var",
+}
 
 
 def alexhex7_file(tmp_path, w, prefix="module.nl."):
@@ -434,9 +487,11 @@ def test_convert_errors(tmp_path, capsys):
     assert "no AlexHex7 non-local block at prefix 'module.other'" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--source", "mmseg"]) == 1
     assert "unknown checkpoint source 'mmseg'" in capsys.readouterr().err
-    assert main(["convert", str(src), str(dst)]) == 1          # a .pth is not a canonical file
-    assert "not an nlattn .safetensors file: for a published checkpoint give its source (--source" \
+    assert main(["convert", str(src), str(dst)]) == 1  # a .pth is not a canonical file
+    assert (
+        "not an nlattn .safetensors file: for a published checkpoint give its source (--source"
         in capsys.readouterr().err
+    )
     assert main(["convert", str(src), str(dst), "--block", "NonLocalBlock2D", "--config", "in_channels=4"]) == 1
     assert "unexpected 'module.nl.g.0.weight'" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "none.pth"), str(dst), "--source", "alexhex7"]) == 1
@@ -456,9 +511,9 @@ def test_convert_to_an_unwritable_destination_is_one_line(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):      # root ignores directory permissions: a file stands in
+        if os.access(locked, os.W_OK):  # root ignores directory permissions: a file stands in
             locked.chmod(0o700)
-            (locked / "out.safetensors").mkdir()     # os.replace onto a directory fails
+            (locked / "out.safetensors").mkdir()  # os.replace onto a directory fails
         code = main(["convert", str(src), str(locked / "out.safetensors"), "--source", "alexhex7"])
     finally:
         locked.chmod(0o700)
@@ -478,16 +533,19 @@ def test_conformance_with_a_bad_adapter_is_one_line(capsys):
 # the lazy public API and the framework dispatch without frameworks
 # ----------------------------------------------------------------------------------------------
 
+
 def test_import_nlattn_stays_light():
-    code = ("import sys, nlattn\n"
-            "api = [nlattn.Checkpoint, nlattn.save_weights, nlattn.load_file, nlattn.from_checkpoint,\n"
-            "       nlattn.export_weights, nlattn.load_weights, nlattn.build]\n"
-            "heavy = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'flax') if m in sys.modules]\n"
-            "print(heavy, nlattn.Checkpoint.__module__)\n")
+    code = (
+        "import sys, nlattn\n"
+        "api = [nlattn.Checkpoint, nlattn.save_weights, nlattn.load_file, nlattn.from_checkpoint,\n"
+        "       nlattn.export_weights, nlattn.load_weights, nlattn.build]\n"
+        "heavy = [m for m in ('torch', 'tensorflow', 'keras', 'jax', 'flax') if m in sys.modules]\n"
+        "print(heavy, nlattn.Checkpoint.__module__)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "nlattn.weights.files"]
     with pytest.raises(AttributeError, match="no attribute 'load_checkpoint'"):
-        getattr(nlattn, "load_checkpoint")   # noqa: B009 - the attribute access is what is tested
+        getattr(nlattn, "load_checkpoint")  # noqa: B009 - the attribute access is what is tested
 
 
 def test_dispatch_errors_without_a_framework(monkeypatch):
@@ -495,7 +553,7 @@ def test_dispatch_errors_without_a_framework(monkeypatch):
         framework_of(object())
     with pytest.raises(ValueError, match="unknown framework 'mxnet'"):
         backend("mxnet")
-    monkeypatch.setitem(sys.modules, "nlattn.jax", None)       # as if Flax were not installed
+    monkeypatch.setitem(sys.modules, "nlattn.jax", None)  # as if Flax were not installed
     with pytest.raises(ImportError, match=r"pip install nlattn\[jax\]"):
         backend("flax")
     with pytest.raises(ImportError, match=r"pip install nlattn\[jax\]"):
@@ -503,6 +561,6 @@ def test_dispatch_errors_without_a_framework(monkeypatch):
     with pytest.raises(ConfigError, match="unknown block 'NonLocal'"):
         build("NonLocal", "jax")
     with pytest.raises(ConfigError, match="in_channels must be an integer"):
-        build("NonLocalBlock2D", "jax", in_channels=0)      # the config is checked before any import
+        build("NonLocalBlock2D", "jax", in_channels=0)  # the config is checked before any import
     with pytest.raises(TypeError, match="expected a dict of arrays, a Checkpoint or a path"):
         load_weights(torch.nn.Linear(1, 1), 3)

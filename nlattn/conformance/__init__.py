@@ -1,8 +1,8 @@
 """Conformance suite: a case catalogue, golden vectors from the float64 reference, adapters, a runner.
 
-    from nlattn.conformance import run_conformance, available_adapters, format_table
-    adapters, _ = available_adapters()
-    print(format_table(run_conformance(adapters)))
+from nlattn.conformance import run_conformance, available_adapters, format_table
+adapters, _ = available_adapters()
+print(format_table(run_conformance(adapters)))
 """
 
 from .adapter import BUILTIN, Adapter, ReferenceAdapter, adapter_names, available_adapters, load_adapter
@@ -11,6 +11,24 @@ from .golden import GoldenError
 from .golden import load as load_golden
 from .runner import TOLERANCE, Result, error, format_table, jobs, run_check, run_conformance
 
-__all__ = ["Adapter", "BUILTIN", "CASES", "CASES_BY_ID", "Case", "GoldenError", "ReferenceAdapter",
-           "Result", "TOLERANCE", "adapter_names", "available_adapters", "error", "format_table", "load_adapter",
-           "jobs", "load_golden", "run_check", "run_conformance", "select"]
+__all__ = [
+    "Adapter",
+    "BUILTIN",
+    "CASES",
+    "CASES_BY_ID",
+    "Case",
+    "GoldenError",
+    "ReferenceAdapter",
+    "Result",
+    "TOLERANCE",
+    "adapter_names",
+    "available_adapters",
+    "error",
+    "format_table",
+    "load_adapter",
+    "jobs",
+    "load_golden",
+    "run_check",
+    "run_conformance",
+    "select",
+]

@@ -32,8 +32,7 @@ class Adapter:
         """Set every weight from the canonical dict (float64 arrays; cast to the module's dtype)."""
         raise NotImplementedError
 
-    def forward(self, module: Any, x: np.ndarray, *, training: bool = False,
-                return_attention: bool = False):
+    def forward(self, module: Any, x: np.ndarray, *, training: bool = False, return_attention: bool = False):
         """Run on a channels-first float64 array (cast to the module's dtype); return float64
         channels-first output, and the attention map if asked. ``training=True`` uses batch
         statistics and updates the running ones."""
@@ -51,6 +50,7 @@ class Adapter:
 
 class ReferenceAdapter(Adapter):
     """The float64 reference itself: checks that it still reproduces the golden vectors."""
+
     name = "numpy"
     dtypes = ("float64",)
 
@@ -62,8 +62,15 @@ class ReferenceAdapter(Adapter):
 
     def forward(self, module, x, *, training=False, return_attention=False):
         stats = RunningStats(self.unbiased_running_var)
-        out = run(module["block"], x, module["weights"], module["config"], training=training,
-                  stats=stats, return_attention=return_attention)
+        out = run(
+            module["block"],
+            x,
+            module["weights"],
+            module["config"],
+            training=training,
+            stats=stats,
+            return_attention=return_attention,
+        )
         module["weights"].update(stats.updates)
         return out
 
@@ -105,6 +112,6 @@ def available_adapters(names=None) -> tuple[list[Adapter], dict[str, str]]:
     for name in names or BUILTIN:
         try:
             adapters.append(load_adapter(name))
-        except (ImportError, AttributeError) as e:   # framework absent, or an adapter class missing
+        except (ImportError, AttributeError) as e:  # framework absent, or an adapter class missing
             missing[name] = str(e)
     return adapters, missing

@@ -12,6 +12,7 @@ from ..specs import BlockConfig, make_config
 @dataclass(frozen=True)
 class Case:
     """A block, its constructor keywords and a channels-first input shape; the seed comes from the id."""
+
     id: str
     block: str
     config_json: str = field(repr=False)
@@ -39,7 +40,7 @@ class Case:
 
 
 def case(id: str, block: str, shape, **config) -> Case:
-    make_config(block, **config)   # a bad catalogue entry fails at import, not mid-run
+    make_config(block, **config)  # a bad catalogue entry fails at import, not mid-run
     return Case(id, block, json.dumps(config, sort_keys=True), tuple(shape))
 
 
@@ -51,25 +52,38 @@ CASES: tuple[Case, ...] = (
     case("nl2d-embedded-nobn", NL2, (2, 8, 5, 7), in_channels=8, bn_layer=False, inter_channels=3),
     case("nl2d-embedded-poolfirst-scaled", NL2, (2, 8, 6, 7), in_channels=8, pool_first=True, scale=0.5),
     case("nl2d-embedded-heads", NL2, (2, 8, 5, 6), in_channels=8, num_heads=2),
-    case("nl2d-sharedqk", NL2, (3, 8, 5, 5), in_channels=8, share_query_key=True, value_channels=6,
-         bn_layer=False, sub_sample=False),
+    case(
+        "nl2d-sharedqk",
+        NL2,
+        (3, 8, 5, 5),
+        in_channels=8,
+        share_query_key=True,
+        value_channels=6,
+        bn_layer=False,
+        sub_sample=False,
+    ),
     case("nl2d-gaussian", NL2, (2, 8, 5, 7), in_channels=8, mode="gaussian"),
-    case("nl2d-gaussian-heads-nosub", NL2, (2, 8, 3, 5), in_channels=8, mode="gaussian", num_heads=4,
-         sub_sample=False),
+    case("nl2d-gaussian-heads-nosub", NL2, (2, 8, 3, 5), in_channels=8, mode="gaussian", num_heads=4, sub_sample=False),
     case("nl2d-dot", NL2, (2, 8, 5, 7), in_channels=8, mode="dot_product"),
-    case("nl2d-dot-heads-poolfirst", NL2, (2, 8, 4, 5), in_channels=8, mode="dot_product", num_heads=2,
-         pool_first=True),
+    case(
+        "nl2d-dot-heads-poolfirst", NL2, (2, 8, 4, 5), in_channels=8, mode="dot_product", num_heads=2, pool_first=True
+    ),
     case("nl2d-concat", NL2, (2, 8, 5, 7), in_channels=8, mode="concatenation"),
-    case("nl2d-concat-nosub-nobn", NL2, (2, 8, 3, 5), in_channels=8, mode="concatenation",
-         sub_sample=False, bn_layer=False),
+    case(
+        "nl2d-concat-nosub-nobn",
+        NL2,
+        (2, 8, 3, 5),
+        in_channels=8,
+        mode="concatenation",
+        sub_sample=False,
+        bn_layer=False,
+    ),
     case("nl2d-bn-conventions", NL2, (2, 4, 4, 4), in_channels=4, bn_eps=1e-3, bn_momentum=0.01),
     case("nl1d-embedded", "NonLocalBlock1D", (2, 8, 9), in_channels=8),
     case("nl1d-concat", "NonLocalBlock1D", (2, 6, 7), in_channels=6, mode="concatenation"),
     case("nl3d-embedded", "NonLocalBlock3D", (2, 8, 3, 5, 4), in_channels=8),
-    case("nl3d-dot-poolfirst", "NonLocalBlock3D", (2, 8, 2, 4, 5), in_channels=8, mode="dot_product",
-         pool_first=True),
-    case("nl3d-gaussian-nosub", "NonLocalBlock3D", (2, 4, 2, 3, 3), in_channels=4, mode="gaussian",
-         sub_sample=False),
+    case("nl3d-dot-poolfirst", "NonLocalBlock3D", (2, 8, 2, 4, 5), in_channels=8, mode="dot_product", pool_first=True),
+    case("nl3d-gaussian-nosub", "NonLocalBlock3D", (2, 4, 2, 3, 3), in_channels=4, mode="gaussian", sub_sample=False),
     # SAGAN / DANet / CCNet
     case("sagan", "SelfAttention", (2, 16, 5, 7), in_channels=16),
     case("sagan-qk4", "SelfAttention", (2, 8, 4, 3), in_channels=8, qk_ratio=4),
@@ -81,21 +95,60 @@ CASES: tuple[Case, ...] = (
     case("rcca", "CrissCrossAttention", (2, 16, 6, 5), in_channels=16, recurrence=2),
     case("cca-single-row-qk4", "CrissCrossAttention", (2, 8, 1, 5), in_channels=8, qk_ratio=4),
     # RGA: both branches, then each alone
-    case("rga-sc", "RelationAwareAttention", (2, 32, 5, 6), in_channels=32, spatial_size=[5, 6],
-         cha_ratio=4, spa_ratio=2, down_ratio=2),
-    case("rga-s", "RelationAwareAttention", (2, 16, 4, 5), in_channels=16, spatial_size=[4, 5],
-         use_channel=False, cha_ratio=2, spa_ratio=4, down_ratio=2),
-    case("rga-c", "RelationAwareAttention", (2, 16, 3, 5), in_channels=16, spatial_size=[3, 5],
-         use_spatial=False, cha_ratio=2, spa_ratio=3, down_ratio=4, bn_eps=1e-3, bn_momentum=0.3),
+    case(
+        "rga-sc",
+        "RelationAwareAttention",
+        (2, 32, 5, 6),
+        in_channels=32,
+        spatial_size=[5, 6],
+        cha_ratio=4,
+        spa_ratio=2,
+        down_ratio=2,
+    ),
+    case(
+        "rga-s",
+        "RelationAwareAttention",
+        (2, 16, 4, 5),
+        in_channels=16,
+        spatial_size=[4, 5],
+        use_channel=False,
+        cha_ratio=2,
+        spa_ratio=4,
+        down_ratio=2,
+    ),
+    case(
+        "rga-c",
+        "RelationAwareAttention",
+        (2, 16, 3, 5),
+        in_channels=16,
+        spatial_size=[3, 5],
+        use_spatial=False,
+        cha_ratio=2,
+        spa_ratio=3,
+        down_ratio=4,
+        bn_eps=1e-3,
+        bn_momentum=0.3,
+    ),
     # EVC
     case("evc", "ExplicitVisualCenter", (2, 8, 5, 6), in_channels=8),
-    case("evc-codes8", "ExplicitVisualCenter", (2, 12, 4, 5), in_channels=12, num_codes=8, mlp_ratio=2,
-         bn_eps=1e-4, conv_block_bn_eps=1e-3, gn_eps=1e-4, bn_momentum=0.2, layer_scale_init=1e-3,
-         encoding_bn_eps=2e-3, encoding_bn_momentum=0.05),
+    case(
+        "evc-codes8",
+        "ExplicitVisualCenter",
+        (2, 12, 4, 5),
+        in_channels=12,
+        num_codes=8,
+        mlp_ratio=2,
+        bn_eps=1e-4,
+        conv_block_bn_eps=1e-3,
+        gn_eps=1e-4,
+        bn_momentum=0.2,
+        layer_scale_init=1e-3,
+        encoding_bn_eps=2e-3,
+        encoding_bn_momentum=0.05,
+    ),
     # classical non-local means and the Scale gate
     case("nlmeans", "NonLocalMeans", (2, 1, 12, 13), patch_size=3, patch_distance=2, h=0.3),
-    case("nlmeans-color-sigma", "NonLocalMeans", (2, 3, 11, 10), patch_size=5, patch_distance=3, h=0.4,
-         sigma=0.1),
+    case("nlmeans-color-sigma", "NonLocalMeans", (2, 3, 11, 10), patch_size=5, patch_distance=3, h=0.4, sigma=0.1),
     case("scale", "Scale", (2, 3, 4, 5), init=0.5),
 )
 
@@ -105,5 +158,4 @@ assert len(CASES_BY_ID) == len(CASES), "duplicate case ids"
 
 def select(blocks=None, ids=None) -> list[Case]:
     """Cases whose block is in ``blocks`` and whose id contains one of ``ids`` (None: all)."""
-    return [c for c in CASES
-            if (not blocks or c.block in blocks) and (not ids or any(i in c.id for i in ids))]
+    return [c for c in CASES if (not blocks or c.block in blocks) and (not ids or any(i in c.id for i in ids))]

@@ -47,7 +47,7 @@ class Golden:
 
 
 def make_input(case: Case, rng: np.random.Generator) -> np.ndarray:
-    if case.block == "NonLocalMeans":   # an image in [0, 1]: a smooth ramp plus noise
+    if case.block == "NonLocalMeans":  # an image in [0, 1]: a smooth ramp plus noise
         b, c, h, w = case.shape
         ramp = np.linspace(0, 1, h)[:, None] * np.linspace(0.2, 0.8, w)[None, :]
         return np.clip(ramp + rng.normal(0, 0.15, case.shape), 0, 1)
@@ -92,8 +92,11 @@ def _same(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> b
         return False
     try:
         with safe_open(str(path), "numpy") as f:
-            return (f.metadata() == meta and set(f.keys()) == set(tensors)
-                    and all(np.array_equal(f.get_tensor(k), v) for k, v in tensors.items()))
+            return (
+                f.metadata() == meta
+                and set(f.keys()) == set(tensors)
+                and all(np.array_equal(f.get_tensor(k), v) for k, v in tensors.items())
+            )
     except Exception:
         return False
 
@@ -115,8 +118,13 @@ def write_all(directory: Path = GOLDEN_DIR, cases=CASES) -> list[Path]:
     paths = []
     for case in cases:
         path = directory / f"{case.id}.safetensors"
-        meta = {"case": case.id, "block": case.block, "config": case.config_json,
-                "shape": json.dumps(case.shape), "layout": LAYOUT_VERSION}
+        meta = {
+            "case": case.id,
+            "block": case.block,
+            "config": case.config_json,
+            "shape": json.dumps(case.shape),
+            "layout": LAYOUT_VERSION,
+        }
         tensors = _flatten(compute(case))
         # safetensors orders metadata arbitrarily: rewrite only what changed, to keep diffs reviewable
         if not _same(path, tensors, meta):
@@ -137,22 +145,32 @@ def load(case: Case, directory: Path = GOLDEN_DIR) -> Golden:
         manifest = json.loads(manifest_path.read_text())
         expected_hash = manifest["files"][path.name]
     except (OSError, ValueError, KeyError) as e:
-        raise GoldenError(f"golden manifest {manifest_path} has no valid entry for {path.name} ({e}); "
-                          f"regenerate with `nlattn golden`") from None
+        raise GoldenError(
+            f"golden manifest {manifest_path} has no valid entry for {path.name} ({e}); regenerate with `nlattn golden`"
+        ) from None
     if not path.exists():
         raise GoldenError(f"golden file {path} is missing")
     if _sha256(path) != expected_hash:
         raise GoldenError(f"golden file {path} is corrupted: its SHA-256 differs from MANIFEST.json")
     with safe_open(str(path), "numpy") as f:
         meta = f.metadata() or {}
-        if (meta.get("case"), meta.get("config"), meta.get("layout")) != (case.id, case.config_json,
-                                                                          LAYOUT_VERSION):
-            raise GoldenError(f"golden file {path} was written for another case, config or layout "
-                              f"({meta.get('case')}, {meta.get('config')}); regenerate with `nlattn golden`")
+        if (meta.get("case"), meta.get("config"), meta.get("layout")) != (case.id, case.config_json, LAYOUT_VERSION):
+            raise GoldenError(
+                f"golden file {path} was written for another case, config or layout "
+                f"({meta.get('case')}, {meta.get('config')}); regenerate with `nlattn golden`"
+            )
         t = {k: f.get_tensor(k) for k in f.keys()}
 
     def group(prefix):
-        return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
 
-    return Golden(case, t["input"], group("weights."), t["output"], t.get("attention"),
-                  t.get("train.output"), group("train.stats."), group("train.stats_biased."))
+    return Golden(
+        case,
+        t["input"],
+        group("weights."),
+        t["output"],
+        t.get("attention"),
+        t.get("train.output"),
+        group("train.stats."),
+        group("train.stats_biased."),
+    )

@@ -31,7 +31,7 @@ def error(out, ref) -> float:
 class Result:
     case: Case
     adapter: str
-    check: str       # eval | train | grad
+    check: str  # eval | train | grad
     dtype: str
     error: float
     tolerance: float
@@ -42,8 +42,10 @@ class Result:
         return self.error <= self.tolerance
 
     def describe(self) -> str:
-        return (f"{self.adapter} {self.case.id} {self.check} {self.dtype}: error {self.error:.2e} "
-                f"(tolerance {self.tolerance:.0e})" + (f" — {self.message}" if self.message else ""))
+        return (
+            f"{self.adapter} {self.case.id} {self.check} {self.dtype}: error {self.error:.2e} "
+            f"(tolerance {self.tolerance:.0e})" + (f" — {self.message}" if self.message else "")
+        )
 
 
 def check_eval(adapter: Adapter, g: Golden, dtype: str) -> float:
@@ -80,10 +82,11 @@ def reference_directional(g: Golden, cotangent, dx, dw, eps: float = 1e-5) -> fl
     eps = 1e-6 round-off alone reached 1.4e-9 on EVC (large codeword logits), above the float64
     tolerance; at 1e-5 the worst torch float64 case is 1.2e-10.
     """
+
     def f(t):
         w = {k: v + t * dw[k] if k in dw else v for k, v in g.weights.items()}
-        return float(np.sum(cotangent * run(g.case.block, g.input + t * dx, w, g.case.config,
-                                               for_derivative=True)))
+        return float(np.sum(cotangent * run(g.case.block, g.input + t * dx, w, g.case.config, for_derivative=True)))
+
     return (f(eps) - f(-eps)) / (2 * eps)
 
 
@@ -144,8 +147,7 @@ def run_check(adapter: Adapter, case: Case, dtype: str, check: str, golden_dir=G
     return Result(case, adapter.name, check, dtype, err, TOLERANCE[dtype], msg)
 
 
-def run_conformance(adapters: list[Adapter], cases=CASES, progress: bool = True,
-                    golden_dir=GOLDEN_DIR) -> list[Result]:
+def run_conformance(adapters: list[Adapter], cases=CASES, progress: bool = True, golden_dir=GOLDEN_DIR) -> list[Result]:
     todo = [(a, *job) for a in adapters for job in jobs(a, cases)]
     results = []
     bar = _Progress(len(todo), enabled=progress)
@@ -165,8 +167,9 @@ class _Progress:
         self.done += 1
         if self.enabled:
             filled = self.width * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] "
-                             f"{self.done}/{self.total} {label[:40]:<40}")
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label[:40]:<40}"
+            )
             sys.stderr.flush()
 
     def close(self):

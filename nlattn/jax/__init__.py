@@ -20,8 +20,7 @@ try:
     import jax  # noqa: F401
     from flax import nnx  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"nlattn.jax needs JAX and Flax ({e}); install them with "
-                      f"`pip install nlattn[jax]`") from e
+    raise ImportError(f"nlattn.jax needs JAX and Flax ({e}); install them with `pip install nlattn[jax]`") from e
 
 from ..specs import CONFIGS
 from ._base import Block

@@ -53,14 +53,15 @@ class Block(nnx.Module):
     """
 
     config_class: ClassVar[type[BlockConfig]]
-    spec: Any    # an instance of config_class, whose fields the block reads
+    spec: Any  # an instance of config_class, whose fields the block reads
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "config_class" in cls.__dict__:    # a user-facing block: show the config's keywords
+        if "config_class" in cls.__dict__:  # a user-facing block: show the config's keywords
             chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
-            cls.__signature__ = config_signature(cls.config_class, *chunk, ("rngs", None), ("dtype", None),
-                                                 ("param_dtype", jnp.float32))
+            cls.__signature__ = config_signature(
+                cls.config_class, *chunk, ("rngs", None), ("dtype", None), ("param_dtype", jnp.float32)
+            )
 
     def __init__(self, *args, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32, **kwargs):
         arguments = parse_arguments(self.config_class, args, kwargs, chunked=True)
@@ -87,13 +88,16 @@ class Block(nnx.Module):
         x = jnp.asarray(x)
         rank = 2 + spec.spatial_dims
         if x.ndim != rank:
-            raise InputError(f"{spec.block}: expected a rank-{rank} channels-last input "
-                             f"{_LAYOUT[spec.spatial_dims]}, got shape {tuple(x.shape)}")
+            raise InputError(
+                f"{spec.block}: expected a rank-{rank} channels-last input "
+                f"{_LAYOUT[spec.spatial_dims]}, got shape {tuple(x.shape)}"
+            )
         try:
-            spec.check_input_shape((x.shape[0], x.shape[-1], *x.shape[1:-1]))   # channels-first order
+            spec.check_input_shape((x.shape[0], x.shape[-1], *x.shape[1:-1]))  # channels-first order
         except InputError as e:
-            raise InputError(f"{e} [channels-last input {_LAYOUT[spec.spatial_dims]}: "
-                             f"shape {tuple(x.shape)}]") from None
+            raise InputError(
+                f"{e} [channels-last input {_LAYOUT[spec.spatial_dims]}: shape {tuple(x.shape)}]"
+            ) from None
         return x
 
 
@@ -112,13 +116,13 @@ class Sequential(nnx.List):
         return x
 
 
-def max_pool(x: jax.Array, window: tuple[int, ...], stride: tuple[int, ...] | None = None,
-             padding: int = 0) -> jax.Array:
+def max_pool(
+    x: jax.Array, window: tuple[int, ...], stride: tuple[int, ...] | None = None, padding: int = 0
+) -> jax.Array:
     """Channels-last max pool over the spatial axes, floor mode; padding never wins (-inf)."""
     nd = len(window)
     pads = [(0, 0)] + [(padding, padding)] * nd + [(0, 0)]
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1),
-                                 (1, *(stride or window), 1), pads)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *(stride or window), 1), pads)
 
 
 def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> nnx.Module | nnx.Param:
@@ -130,19 +134,34 @@ def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -
     if isinstance(layer, Conv):
         padding = "VALID" if layer.padding is None else tuple((p, p) for p in layer.padding)
         init = dict(kernel_init=zeros, bias_init=zeros) if layer.zero_init else {}
-        return nnx.Conv(layer.in_channels, layer.out_channels, layer.kernel_size, padding=padding,
-                        feature_group_count=layer.groups, use_bias=layer.bias, **init, **common)
+        return nnx.Conv(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            padding=padding,
+            feature_group_count=layer.groups,
+            use_bias=layer.bias,
+            **init,
+            **common,
+        )
     if isinstance(layer, BatchNorm):
         init = dict(scale_init=zeros, bias_init=zeros) if layer.zero_init else {}
         # Flax momentum is the weight of the old running value: torch 0.1 == Flax 0.9
-        return nnx.BatchNorm(layer.num_features, momentum=1.0 - layer.momentum, epsilon=layer.eps,
-                             use_fast_variance=False, **init, **common)
+        return nnx.BatchNorm(
+            layer.num_features,
+            momentum=1.0 - layer.momentum,
+            epsilon=layer.eps,
+            use_fast_variance=False,
+            **init,
+            **common,
+        )
     if isinstance(layer, Dense):
         return nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.bias, **common)
     if isinstance(layer, GroupNorm):
-        return nnx.GroupNorm(layer.num_channels, num_groups=layer.num_groups, epsilon=layer.eps,
-                             use_fast_variance=False, **common)
-    if isinstance(layer, Param):     # Gate included: a plain parameter here
+        return nnx.GroupNorm(
+            layer.num_channels, num_groups=layer.num_groups, epsilon=layer.eps, use_fast_variance=False, **common
+        )
+    if isinstance(layer, Param):  # Gate included: a plain parameter here
         return nnx.Param(initial(layer.init, layer.shape, rngs, param_dtype))
     raise TypeError(f"unknown schema layer {layer!r}")  # pragma: no cover
 

@@ -19,10 +19,16 @@ from ._base import Block
 
 #: canonical tensor kind -> the Flax variable's attribute in its layer (free parameters: the layer)
 ATTRIBUTE = {
-    "conv_kernel": "kernel", "conv_bias": "bias",
-    "dense_kernel": "kernel", "dense_bias": "bias",
-    "bn_weight": "scale", "bn_bias": "bias", "bn_mean": "mean", "bn_var": "var",
-    "norm_weight": "scale", "norm_bias": "bias",
+    "conv_kernel": "kernel",
+    "conv_bias": "bias",
+    "dense_kernel": "kernel",
+    "dense_bias": "bias",
+    "bn_weight": "scale",
+    "bn_bias": "bias",
+    "bn_mean": "mean",
+    "bn_var": "var",
+    "norm_weight": "scale",
+    "norm_bias": "bias",
 }
 
 
@@ -52,12 +58,12 @@ class FlaxWeights(WeightAccess):
 
     def read(self, variable):
         value = np.asarray(variable.get_value())
-        if value.dtype.name == "bfloat16":     # NumPy has no bfloat16 of its own: widen exactly
+        if value.dtype.name == "bfloat16":  # NumPy has no bfloat16 of its own: widen exactly
             value = value.astype(np.float32)
         return value
 
     def convert(self, variable, value):
-        with np.errstate(over="ignore"):       # beyond the dtype's range: inf, reported by ``finite``
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, reported by ``finite``
             return jnp.asarray(np.asarray(value, dtype=variable.get_value().dtype))
 
     def assign(self, variable, value):

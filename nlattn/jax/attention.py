@@ -32,25 +32,33 @@ class _SAGAN(_QKV):
     def __call__(self, x, return_attention: bool = False):
         """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
         x = self.check_input(x)
-        q, k, v = (t.reshape(t.shape[0], 1, -1, t.shape[-1]) for t in self.qkv(x))   # (B, 1, N, c)
+        q, k, v = (t.reshape(t.shape[0], 1, -1, t.shape[-1]) for t in self.qkv(x))  # (B, 1, N, c)
         if self.fast(return_attention):
             attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
         else:
-            attn = kernels.softmax(q @ jnp.swapaxes(k, -1, -2))[:, 0]    # (B, N, N), over keys
+            attn = kernels.softmax(q @ jnp.swapaxes(k, -1, -2))[:, 0]  # (B, N, N), over keys
             out = attn[:, None] @ v
         y = self.gamma[...] * out[:, 0].reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
 class SelfAttention(_SAGAN):
-    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
-               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
+        + str(_QKV.__doc__)
+        + "\n    "
+        + str(_SAGAN.__doc__)
+    )
     config_class = SelfAttentionConfig
 
 
 class PositionAttention(_SAGAN):
-    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
-               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "DANet position attention module (PAM): the SAGAN computation.\n\n    "
+        + str(_QKV.__doc__)
+        + "\n    "
+        + str(_SAGAN.__doc__)
+    )
     config_class = PositionAttentionConfig
 
 
@@ -60,6 +68,7 @@ class ChannelAttention(Block):
 
     x (B, H, W, C) -> (B, H, W, C) [, attention (B, C, C)]. ``in_channels`` is optional.
     """
+
     config_class = ChannelAttentionConfig
 
     def build_layers(self, make):
@@ -67,7 +76,7 @@ class ChannelAttention(Block):
 
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
-        xf = x.reshape(x.shape[0], -1, x.shape[-1])          # (B, N, C)
+        xf = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, C)
         energy = jnp.swapaxes(xf, 1, 2) @ xf
         attn = jax.nn.softmax(energy.max(-1, keepdims=True) - energy, -1)
         y = self.gamma[...] * (xf @ jnp.swapaxes(attn, 1, 2)).reshape(x.shape) + x
@@ -81,18 +90,18 @@ class CrissCrossAttention(_QKV):
     softmax over the H + W energies; y = γ·out + x, γ (1,) = 0 at init. x (B, H, W, C) ->
     (B, H, W, C) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
+
     config_class = CrissCrossAttentionConfig
 
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
         h = x.shape[1]
-        itself = jnp.eye(h, dtype=bool)[:, None, :]                      # (h, 1, h'): column self-mask
+        itself = jnp.eye(h, dtype=bool)[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
             e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", q, k))
             e_row = jnp.einsum("bhwc,bhvc->bhwv", q, k)
             attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1)
-            out = (jnp.einsum("bhwg,bgwc->bhwc", attn[..., :h], v)
-                   + jnp.einsum("bhwv,bhvc->bhwc", attn[..., h:], v))
+            out = jnp.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + jnp.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
             x = self.gamma[...] * out + x
         return (x, attn) if return_attention else x

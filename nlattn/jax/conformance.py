@@ -52,6 +52,7 @@ def _apply(graphdef, state, x, return_attention: bool):
 def _grads(graphdef, params, rest, x, cotangent):
     def objective(params, x):
         return jnp.sum(nnx.merge(graphdef, params, rest)(x) * cotangent)
+
     return jax.grad(objective, argnums=(0, 1))(params, x)
 
 
@@ -65,7 +66,7 @@ def _materialise_zeros(module: nnx.Module) -> None:
 class FlaxAdapter(Adapter):
     name = "flax"
     dtypes = ("float32",)
-    unbiased_running_var = False     # nnx.BatchNorm updates running var with the biased variance
+    unbiased_running_var = False  # nnx.BatchNorm updates running var with the biased variance
     supports_gradients = True
     implementation = "auto"
     #: queries per step of the chunked softmax attention: small, so the cases run several chunks
@@ -127,5 +128,6 @@ class FlaxAdapter(Adapter):
 
 class FlaxNaiveAdapter(FlaxAdapter):
     """Every block on its readable, materialising path (``implementation="naive"``)."""
+
     name = "flax-naive"
     implementation = "naive"

@@ -24,11 +24,11 @@ class _Encoding(nnx.Module):
     def __call__(self, x):
         """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)); the codes K are the
         channels of the encoding (its BatchNorm normalises them), so they come last."""
-        pos = x.reshape(x.shape[0], -1, x.shape[-1])                          # (B, N, C)
+        pos = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, C)
         d = self.codewords[...]
         # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
         dist = (pos * pos).sum(-1, keepdims=True) - 2 * pos @ d.T + (d * d).sum(-1)
-        assign = jax.nn.softmax(self.scale[...] * dist, -1)                   # (B, N, K)
+        assign = jax.nn.softmax(self.scale[...] * dist, -1)  # (B, N, K)
         # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k
         encoded = jnp.swapaxes(assign, 1, 2) @ pos - assign.sum(1)[..., None] * d
         return jnp.swapaxes(encoded, 1, 2), assign
@@ -63,15 +63,22 @@ class _LVC(nnx.Module):
 
     def __init__(self, make, L, p):
         self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
-        self.LVC = Sequential(make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]), jax.nn.relu,
-                              _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]), jax.nn.relu, _Mean(-1))
+        self.LVC = Sequential(
+            make(L[f"{p}.LVC.0"]),
+            make(L[f"{p}.LVC.1"]),
+            jax.nn.relu,
+            _Encoding(make, L, f"{p}.LVC.3"),
+            make(L[f"{p}.LVC.4"]),
+            jax.nn.relu,
+            _Mean(-1),
+        )
         self.fc = Sequential(make(L[f"{p}.fc.0"]), jax.nn.sigmoid)
 
     def __call__(self, x):
         local = self.conv_1(x)
         encoder = self.LVC
         encoded, assign = encoder[3](encoder[2](encoder[1](encoder[0](local))))
-        encoded = encoder[6](encoder[5](encoder[4](encoded)))         # BN over K, ReLU, mean over K
+        encoded = encoder[6](encoder[5](encoder[4](encoded)))  # BN over K, ReLU, mean over K
         gate = self.fc(encoded)[:, None, None, :]
         return jax.nn.relu(local + local * gate), assign
 
@@ -104,7 +111,7 @@ class _Mlp(nnx.Module):
         self.fc2 = make(L[f"{p}.fc2"])
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))   # exact (erf), as torch's GELU
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact (erf), as torch's GELU
 
 
 class _LightMLP(nnx.Module):
@@ -130,6 +137,7 @@ class ExplicitVisualCenter(Block):
     codewords) and ``l_MLP`` (LightMLP) branches on the stem; ``cnv1`` fuses their concatenation.
     With ``return_attention=True`` also returns the soft assignment of positions to codewords (B, N, K).
     """
+
     config_class = ExplicitVisualCenterConfig
 
     def build_layers(self, make):

@@ -20,8 +20,9 @@ def softmax(e: jax.Array, axis: int = -1) -> jax.Array:
     return jax.nn.softmax(e, axis)
 
 
-def softmax_attention(q, k, v, scale: float | None = None,
-                      query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE) -> jax.Array:
+def softmax_attention(
+    q, k, v, scale: float | None = None, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE
+) -> jax.Array:
     """softmax_j(scale·qᵢ·kⱼ) v without the (N, M) matrix: ``query_chunk_size`` queries at a time.
 
     Each query row's softmax is the naive one, so the result is the same computation row by row.
@@ -29,7 +30,8 @@ def softmax_attention(q, k, v, scale: float | None = None,
     rematerialised under differentiation (``jax.checkpoint``), so training memory stays
     O(chunk · M) too.
     """
-    def rows(qc):                        # (B, h, cq, c) -> (B, h, cq, cv)
+
+    def rows(qc):  # (B, h, cq, c) -> (B, h, cq, cv)
         e = qc @ jnp.swapaxes(k, -1, -2)
         if scale is not None:
             e = e * scale
@@ -41,8 +43,8 @@ def softmax_attention(q, k, v, scale: float | None = None,
         return rows(q)
     steps = -(-n // chunk)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, steps * chunk - n), (0, 0)))
-    q = jnp.moveaxis(q.reshape(b, h, steps, chunk, c), 2, 0)               # (steps, B, h, chunk, c)
-    out = jax.lax.map(jax.checkpoint(rows), q)                             # (steps, B, h, chunk, cv)
+    q = jnp.moveaxis(q.reshape(b, h, steps, chunk, c), 2, 0)  # (steps, B, h, chunk, c)
+    out = jax.lax.map(jax.checkpoint(rows), q)  # (steps, B, h, chunk, cv)
     return jnp.moveaxis(out, 0, 2).reshape(b, h, steps * chunk, -1)[:, :, :n]
 
 
@@ -62,14 +64,14 @@ def concatenation_attention(a, b, v) -> jax.Array:
     the prefix sums of v and b·v in that order: O((N + M) log M) time, O((N + M)·cv) memory.
     """
     m = b.shape[-1]
-    order = jnp.argsort(-b, axis=-1)                                       # descending key terms
+    order = jnp.argsort(-b, axis=-1)  # descending key terms
     b_sorted = jnp.take_along_axis(b, order, -1)
     v_sorted = jnp.take_along_axis(v, order[..., None], -2)
     zero = jnp.zeros_like(v_sorted[..., :1, :])
-    sum_v = jnp.concatenate([zero, jnp.cumsum(v_sorted, -2)], -2)          # (B, h, M + 1, cv)
+    sum_v = jnp.concatenate([zero, jnp.cumsum(v_sorted, -2)], -2)  # (B, h, M + 1, cv)
     sum_bv = jnp.concatenate([zero, jnp.cumsum(b_sorted[..., None] * v_sorted, -2)], -2)
     # nᵢ = #{j : bⱼ > −aᵢ} = M − #{j : bⱼ ≤ −aᵢ}, searched in the ascending order
     search = jnp.vectorize(lambda s, t: jnp.searchsorted(s, t, side="right"), signature="(m),(n)->(n)")
-    count = (m - search(b_sorted[..., ::-1], -a))[..., None]               # (B, h, N, 1)
+    count = (m - search(b_sorted[..., ::-1], -a))[..., None]  # (B, h, N, 1)
     y = a[..., None] * jnp.take_along_axis(sum_v, count, -2) + jnp.take_along_axis(sum_bv, count, -2)
     return y / m

@@ -32,7 +32,7 @@ def fast_exp(y: jax.Array) -> jax.Array:
     binade of exponent E (0 where the value is 0), through a straight-through term
     ``slope · (y − stop_gradient(y))`` that is exactly 0 in value.
     """
-    t = jnp.trunc(FAST_EXP_A * jnp.maximum(y, -1000.0))          # |t| < 2**31: fits an int32
+    t = jnp.trunc(FAST_EXP_A * jnp.maximum(y, -1000.0))  # |t| < 2**31: fits an int32
     hi = t.astype(jnp.int32) + FAST_EXP_BC
     exponent = (hi >> 20) - 1023
     valid = hi >= 0
@@ -49,6 +49,7 @@ class NonLocalMeans(Block):
     share their patch weights (scikit-image's ``channel_axis``). ``implementation`` is accepted and
     has no effect (there is one path).
     """
+
     config_class = NonLocalMeansConfig
 
     def __call__(self, x):
@@ -57,7 +58,7 @@ class NonLocalMeans(Block):
         cfg = self.spec
         b, height, width, c = x.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        w = np.asarray(cfg.patch_kernel(c), dtype=x.dtype)               # (s, s) constants
+        w = np.asarray(cfg.patch_kernel(c), dtype=x.dtype)  # (s, s) constants
         noise = c * 2.0 * cfg.sigma * cfg.sigma
 
         padded = jnp.pad(x, ((0, 0), (o, o), (o, o), (0, 0)), mode="reflect")  # every pixel a patch
@@ -71,15 +72,14 @@ class NonLocalMeans(Block):
             num, den = carry
             di, dj = offset[0], offset[1]
             other = jax.lax.dynamic_slice(far, (0, d + di, d + dj, 0), padded.shape)
-            sq = ((padded - other) ** 2).sum(-1) - noise                     # (B, H+2o, W+2o)
-            rows = [sum(w[k, l] * sq[:, k:k + height, l:l + width] for l in range(s)) for k in range(s)]
+            sq = ((padded - other) ** 2).sum(-1) - noise  # (B, H+2o, W+2o)
+            rows = [sum(w[k, l] * sq[:, k : k + height, l : l + width] for l in range(s)) for k in range(s)]
             partial = rows[0]
             cut = jnp.zeros(partial.shape, bool)
-            for row in rows[1:]:   # tested before each of rows 1 … s−1 is added
+            for row in rows[1:]:  # tested before each of rows 1 … s−1 is added
                 cut = cut | (partial > NL_MEANS_DISTANCE_CUTOFF)
                 partial = partial + row
-            inside = ((rows_idx + di >= 0) & (rows_idx + di < height)
-                      & (cols_idx + dj >= 0) & (cols_idx + dj < width))
+            inside = (rows_idx + di >= 0) & (rows_idx + di < height) & (cols_idx + dj >= 0) & (cols_idx + dj < width)
             weight = jnp.where(cut | ~inside, 0.0, fast_exp(-jnp.maximum(partial, 0.0)))
             candidate = jax.lax.dynamic_slice(xs, (0, d + di, d + dj, 0), x.shape)
             return (num + weight[..., None] * candidate, den + weight), None

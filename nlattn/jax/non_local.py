@@ -40,10 +40,10 @@ class _NonLocal(Block):
     def __call__(self, x, return_attention: bool = False):
         """x (B, *S, C) -> (B, *S, C) [, attention (B, N, M) or (B, heads, N, M)]."""
         x = self.check_input(x)
-        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
-        if self.fast(return_attention):                 # never the (N, M) relation
+        theta, phi, g = self.embed(x)  # (B, h, N | M, c)
+        if self.fast(return_attention):  # never the (N, M) relation
             return self.residual(x, self.aggregate(theta, phi, g))
-        attn = self.relation(theta, phi)                # (B, h, N, M)
+        attn = self.relation(theta, phi)  # (B, h, N, M)
         out = self.residual(x, attn @ g)
         if return_attention:
             return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
@@ -75,7 +75,7 @@ class _NonLocal(Block):
             theta, phi = x, x_pooled
         elif cfg.share_query_key:
             theta = self.theta(x)
-            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)  # one conv: reuse θ
         else:
             theta, phi = self.theta(x), pooled(self.phi)
         return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
@@ -91,8 +91,13 @@ class _NonLocal(Block):
         if cfg.mode == "concatenation":
             # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
             (b, h, n, c) = theta.shape
-            pairs = jnp.concatenate([jnp.broadcast_to(theta[..., :, None, :], (b, h, n, m, c)),
-                                     jnp.broadcast_to(phi[..., None, :, :], (b, h, n, m, c))], -1)
+            pairs = jnp.concatenate(
+                [
+                    jnp.broadcast_to(theta[..., :, None, :], (b, h, n, m, c)),
+                    jnp.broadcast_to(phi[..., None, :, :], (b, h, n, m, c)),
+                ],
+                -1,
+            )
             return jax.nn.relu(pairs @ self.concat_project.kernel[...].reshape(2 * c)) / m
         f = theta @ jnp.swapaxes(phi, -1, -2)
         if cfg.scale is not None:
@@ -126,6 +131,7 @@ class NonLocalBlock2D(_NonLocal):
 
 
 class NonLocalBlock3D(_NonLocal):
-    __doc__ = str(_NonLocal.__doc__).replace("(B, *S, C)", "(B, T, H, W, C)", 1) + \
-        "    Sub-sampling max-pools (1, 2, 2).\n"
+    __doc__ = (
+        str(_NonLocal.__doc__).replace("(B, *S, C)", "(B, T, H, W, C)", 1) + "    Sub-sampling max-pools (1, 2, 2).\n"
+    )
     config_class = NonLocalBlock3DConfig

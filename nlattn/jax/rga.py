@@ -18,15 +18,16 @@ class RelationAwareAttention(Block):
     ``return_attention=True`` also returns the relations of the first branch: spatial (B, N, N)
     with ``use_spatial``, else channel (B, C, C).
     """
+
     config_class = RelationAwareAttentionConfig
 
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
 
-        def cbr(prefix):          # conv → BN → ReLU
+        def cbr(prefix):  # conv → BN → ReLU
             return Sequential(make(L[f"{prefix}.0"]), make(L[f"{prefix}.1"]), jax.nn.relu)
 
-        def gate(prefix):         # cbr → conv → BN(1): the attention logit
+        def gate(prefix):  # cbr → conv → BN(1): the attention logit
             return Sequential(*cbr(prefix), make(L[f"{prefix}.3"]), make(L[f"{prefix}.4"]))
 
         # in the published module's __init__ order (so state_dict orders agree)
@@ -56,19 +57,19 @@ class RelationAwareAttention(Block):
         if cfg.use_spatial:
             theta = self.theta_spatial(x).reshape(b, n, -1)
             phi = self.phi_spatial(x).reshape(b, n, -1)
-            rel = jnp.einsum("bnc,bmc->bnm", theta, phi)                   # r(i, j), (B, N, N)
+            rel = jnp.einsum("bnc,bmc->bnm", theta, phi)  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
             joint = jnp.concatenate([rel, jnp.swapaxes(rel, 1, 2)], -1).reshape(b, h, w, 2 * n)
             feat = jnp.concatenate([self.gx_spatial(x).mean(-1, keepdims=True), self.gg_spatial(joint)], -1)
             x = jax.nn.sigmoid(self.W_spatial(feat)) * x
             relations.append(rel)
         if cfg.use_channel:
-            xc = jnp.swapaxes(x.reshape(b, n, c), 1, 2)[:, :, None, :]    # positions as channels (B, C, 1, N)
-            theta = self.theta_channel(xc)[:, :, 0, :]                     # (B, C, Ni)
-            phi = self.phi_channel(xc)[:, :, 0, :]                         # (B, C, Ni)
-            rel = theta @ jnp.swapaxes(phi, 1, 2)                          # (B, C, C)
-            joint = jnp.concatenate([rel, jnp.swapaxes(rel, 1, 2)], -1)[:, :, None, :]   # (B, C, 1, 2C)
+            xc = jnp.swapaxes(x.reshape(b, n, c), 1, 2)[:, :, None, :]  # positions as channels (B, C, 1, N)
+            theta = self.theta_channel(xc)[:, :, 0, :]  # (B, C, Ni)
+            phi = self.phi_channel(xc)[:, :, 0, :]  # (B, C, Ni)
+            rel = theta @ jnp.swapaxes(phi, 1, 2)  # (B, C, C)
+            joint = jnp.concatenate([rel, jnp.swapaxes(rel, 1, 2)], -1)[:, :, None, :]  # (B, C, 1, 2C)
             feat = jnp.concatenate([self.gx_channel(xc).mean(-1, keepdims=True), self.gg_channel(joint)], -1)
-            x = jax.nn.sigmoid(self.W_channel(feat).reshape(b, 1, 1, c)) * x   # gate (B, 1, 1, C)
+            x = jax.nn.sigmoid(self.W_channel(feat).reshape(b, 1, 1, c)) * x  # gate (B, 1, 1, C)
             relations.append(rel)
         return (x, relations[0]) if return_attention else x

@@ -19,9 +19,17 @@ from .rga import relation_aware_attention
 from .scale import scale
 
 
-def run(block: str, x, weights, config: dict, *, training: bool = False,
-        stats: RunningStats | None = None, return_attention: bool = False,
-        for_derivative: bool = False):
+def run(
+    block: str,
+    x,
+    weights,
+    config: dict,
+    *,
+    training: bool = False,
+    stats: RunningStats | None = None,
+    return_attention: bool = False,
+    for_derivative: bool = False,
+):
     """Run the reference of ``block`` by name (what the conformance runner calls).
 
     ``for_derivative=True`` runs the function whose derivatives define the block's gradients:
@@ -36,5 +44,11 @@ def run(block: str, x, weights, config: dict, *, training: bool = False,
     return fn(x, weights, training=training, stats=stats, **config)
 
 
-__all__ = ["DERIVATIVE_REFERENCE", "REFERENCE", "RunningStats", "run", "non_local",
-           *(f.__name__ for f in REFERENCE.values())]
+__all__ = [
+    "DERIVATIVE_REFERENCE",
+    "REFERENCE",
+    "RunningStats",
+    "run",
+    "non_local",
+    *(f.__name__ for f in REFERENCE.values()),
+]

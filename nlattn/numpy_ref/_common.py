@@ -11,8 +11,9 @@ from ..specs import BlockConfig, check_weights
 from ._ops import Context, RunningStats
 
 
-def prepare(config_cls: type[BlockConfig], x, weights, config: dict, training: bool,
-            stats: RunningStats | None) -> tuple[BlockConfig, Context, np.ndarray]:
+def prepare(
+    config_cls: type[BlockConfig], x, weights, config: dict, training: bool, stats: RunningStats | None
+) -> tuple[BlockConfig, Context, np.ndarray]:
     """Validate everything and return (config, context with float64 weights, float64 x).
 
     ``in_channels`` may be left out of ``config``: it is read from x (channels-first).
@@ -22,15 +23,18 @@ def prepare(config_cls: type[BlockConfig], x, weights, config: dict, training: b
         raise InputError(f"{config_cls.block}: expected a floating-point input, got dtype {x.dtype}")
     config = dict(config)
     fields = config_cls.__dataclass_fields__
-    if "in_channels" in fields and config.get("in_channels") is None and x.ndim >= 2 \
-            and fields["in_channels"].default is not None:
+    if (
+        "in_channels" in fields
+        and config.get("in_channels") is None
+        and x.ndim >= 2
+        and fields["in_channels"].default is not None
+    ):
         config["in_channels"] = int(x.shape[1])
     cfg = config_cls.from_dict(config)
     cfg.check_input_shape(x.shape)
     weights = {} if weights is None else weights
     check_weights(cfg.block, cfg.schema(), weights)
-    ctx = Context({k: np.asarray(v, dtype=np.float64) for k, v in weights.items()},
-                  training=training, stats=stats)
+    ctx = Context({k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}, training=training, stats=stats)
     return cfg, ctx, x.astype(np.float64)
 
 
@@ -43,7 +47,9 @@ DERIVATIVE_REFERENCE: dict[str, Callable] = {}
 def defines(block: str, *, derivative: bool = False):
     """Register the decorated function as the reference of ``block`` (or, with ``derivative``, as
     the function whose derivatives define the block's gradients)."""
+
     def register(fn: Callable) -> Callable:
         (DERIVATIVE_REFERENCE if derivative else REFERENCE)[block] = fn
         return fn
+
     return register

@@ -19,6 +19,7 @@ class RunningStats:
     variance); Keras and Flax update with the biased variance, so their adapters ask for
     ``unbiased=False``. The normalisation itself always uses the biased variance.
     """
+
     unbiased: bool = True
     updates: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -26,6 +27,7 @@ class RunningStats:
 @dataclass
 class Context:
     """What a reference call needs besides x: the weights (float64) and the mode."""
+
     weights: dict[str, np.ndarray]
     training: bool = False
     stats: RunningStats | None = None
@@ -88,12 +90,14 @@ def group_norm(ctx: Context, x: np.ndarray, layer: GroupNorm) -> np.ndarray:
     xg = x.reshape(b, layer.num_groups, -1)
     xg = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + layer.eps)
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    return (xg.reshape(x.shape) * ctx[f"{layer.prefix}.weight"].reshape(shape)
-            + ctx[f"{layer.prefix}.bias"].reshape(shape))
+    return xg.reshape(x.shape) * ctx[f"{layer.prefix}.weight"].reshape(shape) + ctx[f"{layer.prefix}.bias"].reshape(
+        shape
+    )
 
 
-def max_pool(x: np.ndarray, window: tuple[int, ...], stride: tuple[int, ...] | None = None,
-             padding: int = 0) -> np.ndarray:
+def max_pool(
+    x: np.ndarray, window: tuple[int, ...], stride: tuple[int, ...] | None = None, padding: int = 0
+) -> np.ndarray:
     """Max pool over the trailing len(window) axes, floor mode; padding uses -inf."""
     stride = stride or window
     nd = len(window)
@@ -116,7 +120,7 @@ def relu(x):
 
 
 def sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))   # overflow-free form
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free form
 
 
 def silu(x):
@@ -126,6 +130,7 @@ def silu(x):
 def gelu(x):
     """Exact (erf) GELU, as torch.nn.GELU() and the EVC anchor use."""
     from math import erf
+
     return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / math.sqrt(2.0)))
 
 

@@ -18,7 +18,7 @@ def _sagan(config_cls, x, weights, return_attention, config):
     cfg, ctx, x = prepare(config_cls, x, weights, config, False, None)
     b, c, h, w = x.shape
     q, k, v = (t.reshape(b, t.shape[1], h * w) for t in _query_key_value(cfg, ctx, x))
-    attn = softmax(np.einsum("bcn,bcm->bnm", q, k), -1)          # (B, N, N), softmax over keys
+    attn = softmax(np.einsum("bcn,bcm->bnm", q, k), -1)  # (B, N, N), softmax over keys
     out = np.einsum("bnm,bcm->bcn", attn, v).reshape(x.shape)
     y = ctx["gamma"] * out + x
     return (y, attn) if return_attention else y
@@ -57,13 +57,12 @@ def criss_cross_attention(x, weights, *, return_attention=False, training=False,
     """
     cfg, ctx, x = prepare(CrissCrossAttentionConfig, x, weights, config, False, None)
     h = x.shape[2]
-    self_in_column = np.where(np.eye(h, dtype=bool), -np.inf, 0.0)   # (h, h')
+    self_in_column = np.where(np.eye(h, dtype=bool), -np.inf, 0.0)  # (h, h')
     for _ in range(cfg.recurrence):
         q, k, v = _query_key_value(cfg, ctx, x)
         e_col = np.einsum("bchw,bcgw->bhwg", q, k) + self_in_column[:, None, :]
         e_row = np.einsum("bchw,bchv->bhwv", q, k)
         attn = softmax(np.concatenate([e_col, e_row], -1), -1)
-        out = (np.einsum("bhwg,bcgw->bchw", attn[..., :h], v)
-               + np.einsum("bhwv,bchv->bchw", attn[..., h:], v))
+        out = np.einsum("bhwg,bcgw->bchw", attn[..., :h], v) + np.einsum("bhwv,bchv->bchw", attn[..., h:], v)
         x = ctx["gamma"] * out + x
     return (x, attn) if return_attention else x

@@ -32,11 +32,11 @@ def explicit_visual_center(x, weights, *, return_attention=False, training=False
     # encoding layer: soft-assign every position to K codewords d_k by s_k‖x − d_k‖²
     feat = relu(cb("lvc.LVC.0", "lvc.LVC.1", local))
     b, c = feat.shape[:2]
-    pos = feat.reshape(b, c, -1).transpose(0, 2, 1)                       # (B, N, C)
+    pos = feat.reshape(b, c, -1).transpose(0, 2, 1)  # (B, N, C)
     resid = pos[:, :, None, :] - ctx["lvc.LVC.3.codewords"][None, None]  # (B, N, K, C)
-    assign = softmax(ctx["lvc.LVC.3.scale"] * (resid ** 2).sum(-1), -1)  # (B, N, K)
-    encoded = np.einsum("bnk,bnkc->bkc", assign, resid)                  # (B, K, C)
-    encoded = relu(batch_norm(ctx, encoded, L["lvc.LVC.4"])).mean(1)     # BN1d over K, mean over K
+    assign = softmax(ctx["lvc.LVC.3.scale"] * (resid**2).sum(-1), -1)  # (B, N, K)
+    encoded = np.einsum("bnk,bnkc->bkc", assign, resid)  # (B, K, C)
+    encoded = relu(batch_norm(ctx, encoded, L["lvc.LVC.4"])).mean(1)  # BN1d over K, mean over K
     channel_gate = sigmoid(dense(ctx, encoded, "lvc.fc.0"))[:, :, None, None]
     lvc = relu(local + local * channel_gate)
 

@@ -60,10 +60,10 @@ def fast_exp_envelope(y):
     the filter. The derivative of NonLocalMeans is defined as that of this envelope, which is
     within 2**-20 of fast_exp and has slope 2**(E - 1023) / ln 2 inside the binade of exponent E.
     """
-    hi = np.maximum(_EXP_A * np.asarray(y, dtype=np.float64) + _EXP_BC, 0.0) / 2.0 ** 20
+    hi = np.maximum(_EXP_A * np.asarray(y, dtype=np.float64) + _EXP_BC, 0.0) / 2.0**20
     exponent = np.floor(hi)
     value = np.ldexp(1.0 + (hi - exponent), exponent.astype(np.int64) - 1023)
-    return np.where(hi > 0, value, 0.0)   # where fast_exp's integer would wrap it returns 0 too
+    return np.where(hi > 0, value, 0.0)  # where fast_exp's integer would wrap it returns 0 too
 
 
 def patch_kernel(patch_size: int, n_channels: int, h: float) -> np.ndarray:
@@ -81,11 +81,9 @@ def non_local_means(x, weights=None, *, return_attention=False, training=False, 
 
 
 @defines("NonLocalMeans", derivative=True)
-def non_local_means_envelope(x, weights=None, *, return_attention=False, training=False,
-                             stats=None, **config):
+def non_local_means_envelope(x, weights=None, *, return_attention=False, training=False, stats=None, **config):
     """non_local_means with ``fast_exp_envelope``: what its derivatives are taken of."""
-    return _non_local_means(x, weights, return_attention, training, stats, config,
-                            fast_exp_envelope)
+    return _non_local_means(x, weights, return_attention, training, stats, config, fast_exp_envelope)
 
 
 def _non_local_means(x, weights, return_attention, training, stats, config, exp):
@@ -104,22 +102,22 @@ def _non_local_means(x, weights, return_attention, training, stats, config, exp)
     den = np.zeros((b, height, width))
     # row-major over the offsets, like scikit-image's (i, j) loop, so the sums accumulate in its order
     for di in range(-d, d + 1):
-        r0, r1 = max(0, -di), min(height, height - di)   # centres whose candidate row is in the image
+        r0, r1 = max(0, -di), min(height, height - di)  # centres whose candidate row is in the image
         if r0 >= r1:
             continue
         for dj in range(-d, d + 1):
             c0, c1 = max(0, -dj), min(width, width - dj)
             if c0 >= c1:
                 continue
-            centre = padded[:, :, r0:r1 + 2 * o, c0:c1 + 2 * o]
-            other = padded[:, :, r0 + di:r1 + di + 2 * o, c0 + dj:c1 + dj + 2 * o]
-            sq = ((centre - other) ** 2).sum(axis=1) - noise               # (B, h+2o, w+2o)
-            win = sliding_window_view(sq, (s, s), axis=(1, 2))             # (B, h, w, s, s)
-            rows = np.einsum("bhwkl,kl->bhwk", win, w)                      # weighted patch rows
+            centre = padded[:, :, r0 : r1 + 2 * o, c0 : c1 + 2 * o]
+            other = padded[:, :, r0 + di : r1 + di + 2 * o, c0 + dj : c1 + dj + 2 * o]
+            sq = ((centre - other) ** 2).sum(axis=1) - noise  # (B, h+2o, w+2o)
+            win = sliding_window_view(sq, (s, s), axis=(1, 2))  # (B, h, w, s, s)
+            rows = np.einsum("bhwkl,kl->bhwk", win, w)  # weighted patch rows
             partial = np.cumsum(rows, axis=-1)
             # the test runs before rows 1 … s−1 are added: partial sums of rows 0 … s−2 only
             cut = (partial[..., :-1] > DISTANCE_CUTOFF).any(axis=-1)
             weight = np.where(cut, 0.0, exp(-np.maximum(partial[..., -1], 0.0)))
-            num[:, :, r0:r1, c0:c1] += weight[:, None] * x[:, :, r0 + di:r1 + di, c0 + dj:c1 + dj]
+            num[:, :, r0:r1, c0:c1] += weight[:, None] * x[:, :, r0 + di : r1 + di, c0 + dj : c1 + dj]
             den[:, r0:r1, c0:c1] += weight
     return num / den[:, None]

@@ -36,9 +36,9 @@ def non_local(x, weights, *, return_attention=False, training=False, stats=None,
     g = embed(L["g"])
 
     h = cfg.num_heads
-    theta = theta.reshape(b, h, -1, int(np.prod(spatial)))      # (B, h, Ck/h, N)
-    phi = phi.reshape(b, h, theta.shape[2], -1)                 # (B, h, Ck/h, M)
-    g = g.reshape(b, h, -1, phi.shape[-1])                      # (B, h, Cv/h, M)
+    theta = theta.reshape(b, h, -1, int(np.prod(spatial)))  # (B, h, Ck/h, N)
+    phi = phi.reshape(b, h, theta.shape[2], -1)  # (B, h, Ck/h, M)
+    g = g.reshape(b, h, -1, phi.shape[-1])  # (B, h, Cv/h, M)
     m = phi.shape[-1]
 
     if cfg.mode == "concatenation":

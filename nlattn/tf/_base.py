@@ -38,8 +38,19 @@ from ..specs import (
 )
 
 #: keywords that go to ``keras.layers.Layer`` rather than to the block's config
-LAYER_KEYWORDS = frozenset({"name", "dtype", "trainable", "autocast", "input_shape", "input_dim",
-                            "batch_size", "batch_input_shape", "activity_regularizer"})
+LAYER_KEYWORDS = frozenset(
+    {
+        "name",
+        "dtype",
+        "trainable",
+        "autocast",
+        "input_shape",
+        "input_dim",
+        "batch_size",
+        "batch_input_shape",
+        "activity_regularizer",
+    }
+)
 
 DATA_FORMATS = ("channels_last", "channels_first")
 
@@ -48,7 +59,7 @@ REDUCED = ("bfloat16", "float16")
 
 
 def work_dtype(dtype) -> str:
-    """"float32" for bfloat16/float16 tensors, the tensor's own dtype otherwise."""
+    """ "float32" for bfloat16/float16 tensors, the tensor's own dtype otherwise."""
     dtype = keras.backend.standardize_dtype(dtype)
     return "float32" if dtype in REDUCED else dtype
 
@@ -56,8 +67,9 @@ def work_dtype(dtype) -> str:
 def standardize_data_format(block: str, data_format) -> str:
     df = keras.config.image_data_format() if data_format is None else str(data_format).lower()
     if df not in DATA_FORMATS:
-        raise ConfigError(f"{block}: data_format must be None, 'channels_last' or 'channels_first', "
-                          f"got {data_format!r}")
+        raise ConfigError(
+            f"{block}: data_format must be None, 'channels_last' or 'channels_first', got {data_format!r}"
+        )
     return df
 
 
@@ -70,8 +82,8 @@ def check_shape(spec: BlockConfig, shape_cf) -> None:
         shape[1] = spec.expected_channels() or 1
     fixed = spec.fixed_spatial_size
     for i in range(2, len(shape)):
-        if shape[i] is None:   # unknown now: check what can be checked
-            shape[i] = fixed[i - 2] if fixed is not None and len(fixed) == len(shape) - 2 else 10 ** 6
+        if shape[i] is None:  # unknown now: check what can be checked
+            shape[i] = fixed[i - 2] if fixed is not None and len(fixed) == len(shape) - 2 else 10**6
     spec.check_input_shape(shape)
 
 
@@ -93,10 +105,11 @@ class Block(keras.layers.Layer):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "config_class" in cls.__dict__:    # a user-facing block: show the config's keywords
+        if "config_class" in cls.__dict__:  # a user-facing block: show the config's keywords
             chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
-            cls.__signature__ = config_signature(cls.config_class, *chunk, ("data_format", None),
-                                                 ("name", None), ("dtype", None))
+            cls.__signature__ = config_signature(
+                cls.config_class, *chunk, ("data_format", None), ("name", None), ("dtype", None)
+            )
 
     def __init__(self, *args, data_format=None, **kwargs):
         cls = self.config_class
@@ -105,8 +118,14 @@ class Block(keras.layers.Layer):
         unknown = sorted(set(arguments.rest) - LAYER_KEYWORDS)
         if unknown:
             raise ConfigError(f"{cls.block}: unknown option(s) {unknown}; known: {[f.name for f in fields]}")
-        missing = [f.name for f in fields if f.name != "in_channels" and f.name not in arguments.config
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in fields
+            if f.name != "in_channels"
+            and f.name not in arguments.config
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise ConfigError(f"{cls.block}: missing required option(s) {missing}")
         super().__init__(**arguments.rest)
@@ -117,8 +136,9 @@ class Block(keras.layers.Layer):
         self._config = arguments.config
         # the spec is built now when it can be, else in build() from the input's channel count
         field = cls.__dataclass_fields__.get("in_channels")
-        deferred = (field is not None and field.default is dataclasses.MISSING
-                    and arguments.config.get("in_channels") is None)
+        deferred = (
+            field is not None and field.default is dataclasses.MISSING and arguments.config.get("in_channels") is None
+        )
         self.spec: Any = None if deferred else cls.from_dict(arguments.config)
 
     def build_layers(self, make) -> None:
@@ -148,8 +168,7 @@ class Block(keras.layers.Layer):
     def default_input_shape(self) -> tuple:
         """The input shape (in this layer's data format) that ``build`` uses when none is given."""
         if self.spec is None:
-            raise ValueError(f"{self.config_class.block}: in_channels is unknown; "
-                             "pass it or build the layer first")
+            raise ValueError(f"{self.config_class.block}: in_channels is unknown; pass it or build the layer first")
         spatial = self.spec.fixed_spatial_size or (None,) * self.spec.spatial_dims
         c = self.spec.expected_channels()
         return (None, *spatial, c) if self.channels_last else (None, c, *spatial)
@@ -157,14 +176,16 @@ class Block(keras.layers.Layer):
     # -- Keras API ----------------------------------------------------------------------------
     def build(self, input_shape):
         shape = self.channels_first_shape(input_shape)
-        if self.spec is None:    # in_channels from the input
+        if self.spec is None:  # in_channels from the input
             cls = self.config_class
             rank = 2 + cls.spatial_dims
             if len(shape) != rank:
                 raise InputError(f"{cls.block}: expected a rank-{rank} input, got shape {tuple(input_shape)}")
             if shape[1] is None:
-                raise InputError(f"{cls.block}: the channel dimension of the input must be known to "
-                                 f"build the layer, got shape {tuple(input_shape)}")
+                raise InputError(
+                    f"{cls.block}: the channel dimension of the input must be known to "
+                    f"build the layer, got shape {tuple(input_shape)}"
+                )
             self.spec = cls.from_dict({**self._config, "in_channels": shape[1]})
         check_shape(self.spec, shape)
         self.build_layers(functools.partial(make, dtype=self.dtype_policy))
@@ -190,13 +211,19 @@ class Block(keras.layers.Layer):
     def get_config(self):
         config = self.spec.to_dict() if self.spec is not None else dict(self._config)
         chunk = {"query_chunk_size": self.query_chunk_size} if self.config_class.query_chunked else {}
-        return {**super().get_config(), **config, "data_format": self.data_format,
-                "implementation": self.implementation, **chunk}
+        return {
+            **super().get_config(),
+            **config,
+            "data_format": self.data_format,
+            "implementation": self.implementation,
+            **chunk,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # make: one schema layer -> its Keras layer or variable
 # ---------------------------------------------------------------------------------------------
+
 
 def keras_name(prefix: str) -> str:
     """A canonical prefix as a Keras layer or weight name (no dots: Keras on torch forbids them)."""
@@ -238,20 +265,31 @@ def make(layer: Layer, *, dtype=None) -> keras.layers.Layer | keras.Variable:
     name = keras_name(layer_name(layer))
     if isinstance(layer, Gate):
         from .scale import Scale
+
         gate = Scale(init=layer.init, data_format="channels_last", name=name, dtype=dtype)
         gate.build(layer.shape)
         return gate
     if isinstance(layer, Param):
         policy = keras.dtype_policies.get(dtype) if dtype is not None else None
-        return keras.Variable(initializer(layer.init), shape=layer.shape, name=name,
-                              dtype=policy.variable_dtype if policy is not None else None)
+        return keras.Variable(
+            initializer(layer.init),
+            shape=layer.shape,
+            name=name,
+            dtype=policy.variable_dtype if policy is not None else None,
+        )
     zero = getattr(layer, "zero_init", False)
     if isinstance(layer, Conv):
         nd = len(layer.kernel_size)
         if layer.padding is not None and any(2 * p + 1 != k for p, k in zip(layer.padding, layer.kernel_size)):
             raise NotImplementedError(f"{layer.prefix}: only 'same' or no padding is supported")
-        common = dict(kernel_size=layer.kernel_size, use_bias=layer.bias, data_format="channels_last",
-                      padding="valid" if layer.padding is None else "same", name=name, dtype=dtype)
+        common = dict(
+            kernel_size=layer.kernel_size,
+            use_bias=layer.bias,
+            data_format="channels_last",
+            padding="valid" if layer.padding is None else "same",
+            name=name,
+            dtype=dtype,
+        )
         init = dict(kernel_initializer="zeros", bias_initializer="zeros") if zero else {}
         if layer.groups == 1:
             module = getattr(keras.layers, f"Conv{nd}D")(layer.out_channels, **common, **init)
@@ -264,8 +302,7 @@ def make(layer: Layer, *, dtype=None) -> keras.layers.Layer | keras.Variable:
     elif isinstance(layer, BatchNorm):
         init = dict(gamma_initializer="zeros", beta_initializer="zeros") if zero else {}
         # Keras momentum is the weight of the old running value: torch 0.1 == Keras 0.9
-        module = BatchNormNd(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum, name=name,
-                             dtype=dtype, **init)
+        module = BatchNormNd(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum, name=name, dtype=dtype, **init)
         module.build((None, layer.num_features))
     elif isinstance(layer, Dense):
         module = keras.layers.Dense(layer.out_features, use_bias=layer.bias, name=name, dtype=dtype)

@@ -19,9 +19,18 @@ from ._base import Block
 from .scale import Scale
 
 #: canonical tensor kind -> attribute of the Keras layer (a "param" is the variable itself)
-ATTRIBUTE = {"conv_kernel": "kernel", "conv_bias": "bias", "dense_kernel": "kernel", "dense_bias": "bias",
-             "bn_weight": "gamma", "bn_bias": "beta", "bn_mean": "moving_mean", "bn_var": "moving_variance",
-             "norm_weight": "gamma", "norm_bias": "beta"}
+ATTRIBUTE = {
+    "conv_kernel": "kernel",
+    "conv_bias": "bias",
+    "dense_kernel": "kernel",
+    "dense_bias": "bias",
+    "bn_weight": "gamma",
+    "bn_bias": "beta",
+    "bn_mean": "moving_mean",
+    "bn_var": "moving_variance",
+    "norm_weight": "gamma",
+    "norm_bias": "beta",
+}
 
 
 def ensure_built(block: Block) -> None:
@@ -74,7 +83,7 @@ class KerasWeights(WeightAccess):
         for layer in block.spec.schema():
             node = walk(block, layer_name(layer))
             for t in layer.tensors():
-                if t.kind == "param":        # the variable itself, or a Gate's Scale layer
+                if t.kind == "param":  # the variable itself, or a Gate's Scale layer
                     out[t.name] = node.gamma if isinstance(node, Scale) else node
                 else:
                     out[t.name] = getattr(node, ATTRIBUTE[t.kind])
@@ -82,7 +91,7 @@ class KerasWeights(WeightAccess):
 
     def read(self, variable):
         value = keras.ops.convert_to_numpy(variable)
-        if value.dtype.name == "bfloat16":     # not a NumPy floating type: widen exactly
+        if value.dtype.name == "bfloat16":  # not a NumPy floating type: widen exactly
             value = value.astype(np.float32)
         return value
 

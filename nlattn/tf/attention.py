@@ -33,11 +33,11 @@ class _SAGAN(_QKV):
 
     def call_channels_last(self, x, training, return_attention):
         """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
-        q, k, v = (flat(t)[:, None] for t in self.qkv(x))           # (B, 1, N, c)
+        q, k, v = (flat(t)[:, None] for t in self.qkv(x))  # (B, 1, N, c)
         if self.fast(return_attention):
             attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
         else:
-            attn = kernels.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)))[:, 0]   # (B, N, N), over keys
+            attn = kernels.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)))[:, 0]  # (B, N, N), over keys
             out = ops.matmul(attn[:, None], v)
         y = self.gamma(ops.reshape(out[:, 0], ops.shape(x))) + x
         return (y, attn) if return_attention else y
@@ -45,15 +45,21 @@ class _SAGAN(_QKV):
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class SelfAttention(_SAGAN):
-    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·softmax(QKᵀ)V + x on (B, H, W, C) "
-               "(channels_last) or (B, C, H, W).\n\n    " + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "SAGAN self-attention (Zhang et al. 2019): y = γ·softmax(QKᵀ)V + x on (B, H, W, C) "
+        "(channels_last) or (B, C, H, W).\n\n    " + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__)
+    )
     config_class = SelfAttentionConfig
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
 class PositionAttention(_SAGAN):
-    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
-               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "DANet position attention module (PAM): the SAGAN computation.\n\n    "
+        + str(_QKV.__doc__)
+        + "\n    "
+        + str(_SAGAN.__doc__)
+    )
     config_class = PositionAttentionConfig
 
 
@@ -64,14 +70,15 @@ class ChannelAttention(Block):
 
     x (B, H, W, C) -> (B, H, W, C) [, attention (B, C, C)]. ``in_channels`` is optional.
     """
+
     config_class = ChannelAttentionConfig
 
     def build_layers(self, make):
         self.gamma = make(self.spec.layers()["gamma"])
 
     def call_channels_last(self, x, training, return_attention):
-        xf = ops.swapaxes(flat(x), 1, 2)                                  # (B, C, N)
-        energy = ops.matmul(xf, ops.swapaxes(xf, 1, 2))                   # (B, C, C)
+        xf = ops.swapaxes(flat(x), 1, 2)  # (B, C, N)
+        energy = ops.matmul(xf, ops.swapaxes(xf, 1, 2))  # (B, C, C)
         attn = kernels.softmax(ops.max(energy, axis=-1, keepdims=True) - energy)
         y = self.gamma(ops.reshape(ops.swapaxes(ops.matmul(attn, xf), 1, 2), ops.shape(x))) + x
         return (y, attn) if return_attention else y
@@ -85,18 +92,18 @@ class CrissCrossAttention(_QKV):
     softmax over the H + W energies; y = γ·out + x, γ = 0 at init. x (B, H, W, C) ->
     (B, H, W, C) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
+
     config_class = CrissCrossAttentionConfig
 
     def call_channels_last(self, x, training, return_attention):
         h = int(x.shape[1])
-        itself = ops.convert_to_tensor(np.eye(h, dtype=bool)[:, None, :])   # (h, 1, h'): column self-mask
+        itself = ops.convert_to_tensor(np.eye(h, dtype=bool)[:, None, :])  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
             e_col = ops.einsum("bhwc,bgwc->bhwg", q, k)
             e_col = ops.where(itself, ops.cast(float("-inf"), e_col.dtype), e_col)
             e_row = ops.einsum("bhwc,bhvc->bhwv", q, k)
             attn = kernels.softmax(ops.concatenate([e_col, e_row], axis=-1))
-            out = (ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v)
-                   + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v))
+            out = ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
             x = self.gamma(out) + x
         return (x, attn) if return_attention else x

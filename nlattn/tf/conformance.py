@@ -23,7 +23,7 @@ class KerasAdapter(Adapter):
     """Runs nlattn.tf layers in ``data_format`` ("keras": channels_last, "keras-cf": channels_first)."""
 
     dtypes = ("float32",)
-    unbiased_running_var = False   # Keras updates moving_variance with the biased batch variance
+    unbiased_running_var = False  # Keras updates moving_variance with the biased batch variance
     implementation = "auto"
     query_chunk_size = 16
 
@@ -75,8 +75,9 @@ class KerasAdapter(Adapter):
         def stateless(trainable, non_trainable, x):
             return module.stateless_call(trainable, non_trainable, x, training=training, **kw)
 
-        result, updated = jax.jit(stateless)([v.value for v in module.trainable_variables],
-                                             [v.value for v in module.non_trainable_variables], xin)
+        result, updated = jax.jit(stateless)(
+            [v.value for v in module.trainable_variables], [v.value for v in module.non_trainable_variables], xin
+        )
         for var, value in zip(module.non_trainable_variables, updated):
             var.assign(value)
         return result
@@ -88,8 +89,7 @@ class KerasAdapter(Adapter):
         import tensorflow as tf
 
         schema = tensors(module.spec.schema())
-        table = {name: var for name, var in ACCESS.variables(module).items()
-                 if schema[name].kind not in STATISTICS}
+        table = {name: var for name, var in ACCESS.variables(module).items() if schema[name].kind not in STATISTICS}
         xin = tf.constant(self._to_layer(x), dtype=module.compute_dtype)
         cot = tf.constant(self._to_layer(cotangent), dtype=module.compute_dtype)
         variables = [var.value for var in table.values()]
@@ -97,21 +97,22 @@ class KerasAdapter(Adapter):
             tape.watch(xin)
             tape.watch(variables)
             loss = tf.reduce_sum(module(xin, training=False) * cot)
-        gx, *gw = tape.gradient(loss, [xin, *variables],
-                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        grads = {name: to_canonical(schema[name], np.asarray(g, dtype=np.float64), ACCESS.channels_last)
-                 for name, g in zip(table, gw)}
+        gx, *gw = tape.gradient(loss, [xin, *variables], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = {
+            name: to_canonical(schema[name], np.asarray(g, dtype=np.float64), ACCESS.channels_last)
+            for name, g in zip(table, gw)
+        }
         return self._from_layer(np.asarray(gx, dtype=np.float64)), grads
 
 
 class KerasChannelsFirstAdapter(KerasAdapter):
-    """"keras-cf": the layers with ``data_format="channels_first"``."""
+    """ "keras-cf": the layers with ``data_format="channels_first"``."""
 
     def __init__(self):
         super().__init__("channels_first")
 
 
 class KerasNaiveAdapter(KerasAdapter):
-    """"keras-naive": ``implementation="naive"`` (channels_last), every relation map materialised."""
+    """ "keras-naive": ``implementation="naive"`` (channels_last), every relation map materialised."""
 
     implementation = "naive"

@@ -34,15 +34,15 @@ class _Encoding(_Part):
     def call(self, x):
         """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)); the codes are last, as the
         channels of the BatchNorm that follows."""
-        pos = flat(x)                                                       # (B, N, C)
+        pos = flat(x)  # (B, N, C)
         d = self.codewords
         # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
-        dist = (ops.sum(pos * pos, axis=-1, keepdims=True) - 2 * ops.matmul(pos, ops.transpose(d))
-                + ops.sum(d * d, axis=-1))
-        assign = ops.softmax(self.scale * dist, axis=-1)                    # (B, N, K)
+        dist = (
+            ops.sum(pos * pos, axis=-1, keepdims=True) - 2 * ops.matmul(pos, ops.transpose(d)) + ops.sum(d * d, axis=-1)
+        )
+        assign = ops.softmax(self.scale * dist, axis=-1)  # (B, N, K)
         # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k, as (B, C, K)
-        encoded = (ops.matmul(ops.swapaxes(pos, 1, 2), assign)
-                   - ops.transpose(d) * ops.sum(assign, axis=1)[:, None])
+        encoded = ops.matmul(ops.swapaxes(pos, 1, 2), assign) - ops.transpose(d) * ops.sum(assign, axis=1)[:, None]
         return encoded, assign
 
 
@@ -68,8 +68,9 @@ class _ConvBlock(_Part):
     def call(self, x, training=None):
         t = ops.relu(self.bn1(self.conv1(x), training=training))
         t = ops.relu(self.bn2(self.conv2(t), training=training))
-        return ops.relu(self.bn3(self.conv3(t), training=training)
-                        + self.residual_bn(self.residual_conv(x), training=training))
+        return ops.relu(
+            self.bn3(self.conv3(t), training=training) + self.residual_bn(self.residual_conv(x), training=training)
+        )
 
 
 class _LVC(_Part):
@@ -80,19 +81,22 @@ class _LVC(_Part):
         super().__init__(make, p)
         dtype = dtype_of(make)
         self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
-        self.LVC = [make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]),
-                    keras.layers.ReLU(name=keras_name(f"{p}.LVC.2"), dtype=dtype),
-                    _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]),
-                    keras.layers.ReLU(name=keras_name(f"{p}.LVC.5"), dtype=dtype),
-                    _Mean(-1, name=keras_name(f"{p}.LVC.6"), dtype=dtype)]
-        self.fc = [make(L[f"{p}.fc.0"]),
-                   keras.layers.Activation("sigmoid", name=keras_name(f"{p}.fc.1"), dtype=dtype)]
+        self.LVC = [
+            make(L[f"{p}.LVC.0"]),
+            make(L[f"{p}.LVC.1"]),
+            keras.layers.ReLU(name=keras_name(f"{p}.LVC.2"), dtype=dtype),
+            _Encoding(make, L, f"{p}.LVC.3"),
+            make(L[f"{p}.LVC.4"]),
+            keras.layers.ReLU(name=keras_name(f"{p}.LVC.5"), dtype=dtype),
+            _Mean(-1, name=keras_name(f"{p}.LVC.6"), dtype=dtype),
+        ]
+        self.fc = [make(L[f"{p}.fc.0"]), keras.layers.Activation("sigmoid", name=keras_name(f"{p}.fc.1"), dtype=dtype)]
 
     def call(self, x, training=None):
         local = self.conv_1(x, training=training)
         encoder = self.LVC
         encoded, assign = encoder[3](sequential(encoder[:3], local, training))
-        encoded = sequential(encoder[4:], encoded, training)        # BN over K, ReLU, mean over K
+        encoded = sequential(encoder[4:], encoded, training)  # BN over K, ReLU, mean over K
         gate = sequential(self.fc, encoded)[:, None, None, :]
         return ops.relu(local + local * gate), assign
 
@@ -156,6 +160,7 @@ class ExplicitVisualCenter(Block):
     codewords) and ``l_MLP`` (LightMLP) branches on the stem; ``cnv1`` fuses their concatenation.
     With ``return_attention=True`` also returns the soft assignment of positions to codewords (B, N, K).
     """
+
     config_class = ExplicitVisualCenterConfig
 
     def build_layers(self, make):
@@ -167,8 +172,13 @@ class ExplicitVisualCenter(Block):
         self.cnv1 = make(L["cnv1"])
 
     def call_channels_last(self, x, training, return_attention):
-        stem = ops.max_pool(ops.relu(self.bn1(self.conv1(x), training=training)), 3, strides=1,
-                            padding="same", data_format="channels_last")
+        stem = ops.max_pool(
+            ops.relu(self.bn1(self.conv1(x), training=training)),
+            3,
+            strides=1,
+            padding="same",
+            data_format="channels_last",
+        )
         lvc, assign = self.lvc(stem, training=training)
         out = self.cnv1(ops.concatenate([lvc, self.l_MLP(stem, training=training)], axis=-1))
         return (out, assign) if return_attention else out

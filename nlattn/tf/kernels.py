@@ -29,7 +29,8 @@ def softmax_attention(q, k, v, scale: float | None = None, query_chunk_size: int
     O(chunk·M) instead of O(N·M). The chunks run under ``keras.ops.map`` (one loop body, compiled
     once under XLA); the last chunk is zero-padded and its extra rows dropped.
     """
-    def rows(qc):                        # (B, h, cq, c) -> (B, h, cq, cv)
+
+    def rows(qc):  # (B, h, cq, c) -> (B, h, cq, cv)
         e = ops.matmul(qc, ops.swapaxes(k, -1, -2))
         if scale is not None:
             e = e * scale
@@ -41,8 +42,8 @@ def softmax_attention(q, k, v, scale: float | None = None, query_chunk_size: int
         return rows(q)
     steps = -(-n // chunk)
     q = ops.pad(q, [[0, 0], [0, 0], [0, steps * chunk - n], [0, 0]])
-    q = ops.moveaxis(ops.reshape(q, (-1, h, steps, chunk, c)), 2, 0)      # (steps, B, h, chunk, c)
-    out = ops.map(rows, q)                                                  # (steps, B, h, chunk, cv)
+    q = ops.moveaxis(ops.reshape(q, (-1, h, steps, chunk, c)), 2, 0)  # (steps, B, h, chunk, c)
+    out = ops.map(rows, q)  # (steps, B, h, chunk, cv)
     return ops.reshape(ops.moveaxis(out, 0, 2), (-1, h, steps * chunk, int(out.shape[-1])))[:, :, :n]
 
 
@@ -65,16 +66,16 @@ def concatenation_attention(a, b, v):
     dtype, m = v.dtype, int(b.shape[-1])
     wide = work_dtype(dtype)
     a, b, v = (ops.cast(t, wide) for t in (a, b, v))
-    order = ops.argsort(-b, axis=-1)                                              # keys, b descending
+    order = ops.argsort(-b, axis=-1)  # keys, b descending
     b_sorted = ops.take_along_axis(b, order, axis=-1)
     v_sorted = ops.take_along_axis(v, order[..., None], axis=-2)
     zero = ops.zeros_like(v_sorted[..., :1, :])
-    sum_v = ops.concatenate([zero, ops.cumsum(v_sorted, axis=-2)], axis=-2)                 # (B, h, M + 1, cv)
+    sum_v = ops.concatenate([zero, ops.cumsum(v_sorted, axis=-2)], axis=-2)  # (B, h, M + 1, cv)
     sum_bv = ops.concatenate([zero, ops.cumsum(b_sorted[..., None] * v_sorted, axis=-2)], axis=-2)
-    joint = ops.concatenate([ops.stop_gradient(-b), ops.stop_gradient(a)], axis=-1)        # (B, h, M + N)
+    joint = ops.concatenate([ops.stop_gradient(-b), ops.stop_gradient(a)], axis=-1)  # (B, h, M + N)
     rank = ops.argsort(joint, axis=-1)
     is_key = ops.cast(rank < m, "int32")
     keys_before = ops.take_along_axis(ops.cumsum(is_key, axis=-1), ops.argsort(rank, axis=-1), axis=-1)
-    index = keys_before[..., m:, None]                              # (B, h, N, 1): broadcast over cv
+    index = keys_before[..., m:, None]  # (B, h, N, 1): broadcast over cv
     y = a[..., None] * ops.take_along_axis(sum_v, index, axis=-2) + ops.take_along_axis(sum_bv, index, axis=-2)
     return ops.cast(y / m, dtype)

@@ -32,11 +32,11 @@ def fast_exp(y):
     in the binade of exponent E, by a straight-through term that is exactly 0 in value.
     """
     y32 = ops.cast(ops.stop_gradient(y), "float32")
-    t = ops.trunc(FAST_EXP_A * ops.maximum(y32, -1000.0))              # |t| < 2**31: an int32
-    hi = ops.cast(t, "int32") + (FAST_EXP_BC - _REBIAS)                 # high word, float32 bias
-    bits = ops.where(hi > 0, hi * 8, 0)                                 # << 3: 20 -> 23 mantissa bits
+    t = ops.trunc(FAST_EXP_A * ops.maximum(y32, -1000.0))  # |t| < 2**31: an int32
+    hi = ops.cast(t, "int32") + (FAST_EXP_BC - _REBIAS)  # high word, float32 bias
+    bits = ops.where(hi > 0, hi * 8, 0)  # << 3: 20 -> 23 mantissa bits
     fe = ops.view(bits, "float32")
-    slope = ops.view(ops.bitwise_and(bits, 0x7F800000), "float32") / _LN2   # mantissa cleared
+    slope = ops.view(ops.bitwise_and(bits, 0x7F800000), "float32") / _LN2  # mantissa cleared
     fe, slope = ops.cast(fe, y.dtype), ops.cast(slope, y.dtype)
     return fe + ops.stop_gradient(slope) * (y - ops.stop_gradient(y))
 
@@ -49,6 +49,7 @@ class NonLocalMeans(Block):
     channels of one image share their patch weights (scikit-image's ``channel_axis``); the
     reference's quirks (clipped search window, partial-distance cutoff, fast_exp) are reproduced.
     """
+
     config_class = NonLocalMeansConfig
 
     def call_channels_last(self, x, training, return_attention):
@@ -56,9 +57,9 @@ class NonLocalMeans(Block):
         cfg = self.spec
         _, height, width, c = (int(n) if n is not None else None for n in x.shape)
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        w = cfg.patch_kernel(c).tolist()                                        # (s, s) constants
+        w = cfg.patch_kernel(c).tolist()  # (s, s) constants
         noise = c * 2.0 * cfg.sigma * cfg.sigma
-        padded = ops.pad(x, [[0, 0], [o, o], [o, o], [0, 0]], mode="reflect")   # every pixel a patch
+        padded = ops.pad(x, [[0, 0], [o, o], [o, o], [0, 0]], mode="reflect")  # every pixel a patch
         # candidates beyond the image are never used (their weight is masked to 0): pad by d more
         # with zeros so that every offset is one slice of the same shape
         far = ops.pad(padded, [[0, 0], [d, d], [d, d], [0, 0]])
@@ -67,14 +68,14 @@ class NonLocalMeans(Block):
         cols_idx = ops.arange(width)[None, :]
         side = 2 * d + 1
 
-        def step(index, carry):            # one search offset (di, dj), row-major like the reference
+        def step(index, carry):  # one search offset (di, dj), row-major like the reference
             num, den = carry
             di, dj = index // side - d, index % side - d
             other = ops.slice(far, [0, d + di, d + dj, 0], ops.shape(padded))
-            sq = ops.sum(ops.square(padded - other), axis=-1) - noise          # (B, H+2o, W+2o)
+            sq = ops.sum(ops.square(padded - other), axis=-1) - noise  # (B, H+2o, W+2o)
             partial, cut = None, None
-            for k in range(s):                                                 # patch rows
-                row = sum(w[k][l] * sq[:, k:k + height, l:l + width] for l in range(s))
+            for k in range(s):  # patch rows
+                row = sum(w[k][l] * sq[:, k : k + height, l : l + width] for l in range(s))
                 if partial is None:
                     partial = row
                     continue
@@ -84,7 +85,8 @@ class NonLocalMeans(Block):
                 partial = partial + row
             inside = ops.logical_and(
                 ops.logical_and(rows_idx + di >= 0, rows_idx + di < height),
-                ops.logical_and(cols_idx + dj >= 0, cols_idx + dj < width))
+                ops.logical_and(cols_idx + dj >= 0, cols_idx + dj < width),
+            )
             drop = ops.logical_not(inside) if cut is None else ops.logical_or(cut, ops.logical_not(inside))
             weight = fast_exp(-ops.maximum(partial, 0.0))
             weight = ops.where(drop, ops.zeros_like(weight), weight)

@@ -40,10 +40,10 @@ class _NonLocal(Block):
 
     def call_channels_last(self, x, training, return_attention):
         """x (B, *S, C) -> (B, *S, C) [, attention (B, N, M) or (B, heads, N, M)]."""
-        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
-        if self.fast(return_attention):                 # never the (N, M) relation
+        theta, phi, g = self.embed(x)  # (B, h, N | M, c)
+        if self.fast(return_attention):  # never the (N, M) relation
             return self.residual(x, self.aggregate(theta, phi, g), training)
-        attn = self.relation(theta, phi)                # (B, h, N, M)
+        attn = self.relation(theta, phi)  # (B, h, N, M)
         out = self.residual(x, ops.matmul(attn, g), training)
         if return_attention:
             return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
@@ -76,7 +76,7 @@ class _NonLocal(Block):
             theta, phi = x, x_pooled
         elif cfg.share_query_key:
             theta = self.theta(x)
-            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)  # one conv: reuse θ
         else:
             theta, phi = self.theta(x), pooled(self.phi)
         return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
@@ -91,8 +91,9 @@ class _NonLocal(Block):
         cfg, n, m = self.spec, int(theta.shape[-2]), int(phi.shape[-2])
         if cfg.mode == "concatenation":
             # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
-            pairs = ops.concatenate([ops.repeat(theta[:, :, :, None], m, axis=3),
-                                     ops.repeat(phi[:, :, None], n, axis=2)], -1)
+            pairs = ops.concatenate(
+                [ops.repeat(theta[:, :, :, None], m, axis=3), ops.repeat(phi[:, :, None], n, axis=2)], -1
+            )
             return ops.relu(ops.matmul(pairs, ops.reshape(self.concat_project.kernel, (-1,)))) / m
         f = ops.matmul(theta, ops.swapaxes(phi, -1, -2))
         if cfg.scale is not None:

@@ -19,16 +19,17 @@ class RelationAwareAttention(Block):
     ``return_attention=True`` also returns the relations of the first branch: spatial (B, N, N)
     with ``use_spatial``, else channel (B, C, C).
     """
+
     config_class = RelationAwareAttentionConfig
 
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
 
-        def cbr(prefix):          # conv → BN → ReLU
+        def cbr(prefix):  # conv → BN → ReLU
             relu = keras.layers.ReLU(name=keras_name(f"{prefix}.2"), dtype=dtype_of(make))
             return [make(L[f"{prefix}.0"]), make(L[f"{prefix}.1"]), relu]
 
-        def gate(prefix):         # cbr → conv → BN(1): the attention logit
+        def gate(prefix):  # cbr → conv → BN(1): the attention logit
             return [*cbr(prefix), make(L[f"{prefix}.3"]), make(L[f"{prefix}.4"])]
 
         # in the published module's __init__ order (so state_dict orders agree)
@@ -61,21 +62,23 @@ class RelationAwareAttention(Block):
         if cfg.use_spatial:
             theta = ops.reshape(run(self.theta_spatial, x), (-1, n, cfg.inter_channel))
             phi = ops.reshape(run(self.phi_spatial, x), (-1, n, cfg.inter_channel))
-            rel = ops.matmul(theta, ops.swapaxes(phi, 1, 2))                   # r(i, j), (B, N, N)
+            rel = ops.matmul(theta, ops.swapaxes(phi, 1, 2))  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
             joint = ops.reshape(ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1), (-1, h, w, 2 * n))
-            feat = ops.concatenate([ops.mean(run(self.gx_spatial, x), axis=-1, keepdims=True),
-                                    run(self.gg_spatial, joint)], -1)
+            feat = ops.concatenate(
+                [ops.mean(run(self.gx_spatial, x), axis=-1, keepdims=True), run(self.gg_spatial, joint)], -1
+            )
             x = ops.sigmoid(run(self.W_spatial, feat)) * x
             relations.append(rel)
         if cfg.use_channel:
-            xc = ops.swapaxes(ops.reshape(x, (-1, n, c)), 1, 2)[:, :, None, :]   # positions as channels
-            theta = ops.reshape(run(self.theta_channel, xc), (-1, c, cfg.inter_spatial))       # (B, C, Ni)
+            xc = ops.swapaxes(ops.reshape(x, (-1, n, c)), 1, 2)[:, :, None, :]  # positions as channels
+            theta = ops.reshape(run(self.theta_channel, xc), (-1, c, cfg.inter_spatial))  # (B, C, Ni)
             phi = ops.swapaxes(ops.reshape(run(self.phi_channel, xc), (-1, c, cfg.inter_spatial)), 1, 2)
-            rel = ops.matmul(theta, phi)                                                   # (B, C, C)
-            joint = ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1)[:, :, None, :]     # (B, C, 1, 2C)
-            feat = ops.concatenate([ops.mean(run(self.gx_channel, xc), axis=-1, keepdims=True),
-                                    run(self.gg_channel, joint)], -1)
-            x = ops.sigmoid(ops.reshape(run(self.W_channel, feat), (-1, 1, 1, c))) * x   # gate (B, 1, 1, C)
+            rel = ops.matmul(theta, phi)  # (B, C, C)
+            joint = ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1)[:, :, None, :]  # (B, C, 1, 2C)
+            feat = ops.concatenate(
+                [ops.mean(run(self.gx_channel, xc), axis=-1, keepdims=True), run(self.gg_channel, joint)], -1
+            )
+            x = ops.sigmoid(ops.reshape(run(self.W_channel, feat), (-1, 1, 1, c))) * x  # gate (B, 1, 1, C)
             relations.append(rel)
         return (x, relations[0]) if return_attention else x

@@ -13,6 +13,7 @@ from ._base import Block
 class Scale(Block):
     """y = gamma * x for any input shape (any layout); ``gamma`` has shape (1,), initialised to
     ``init`` (0). The attention blocks' residual gate ``gamma`` is a ``Scale`` layer."""
+
     config_class = ScaleConfig
 
     def build_layers(self, make):

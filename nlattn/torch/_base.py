@@ -52,7 +52,7 @@ class Block(nn.Module):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if "config_class" in cls.__dict__:    # a user-facing block: show the config's keywords
+        if "config_class" in cls.__dict__:  # a user-facing block: show the config's keywords
             cls.__signature__ = config_signature(cls.config_class, ("device", None), ("dtype", None))
 
     def __init__(self, *args, device=None, dtype=None, **kwargs):
@@ -80,8 +80,11 @@ class Block(nn.Module):
         self.spec.check_input_shape(tuple(x.shape))
 
     def extra_repr(self) -> str:
-        changed = {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)
-                   if f.default is dataclasses.MISSING or getattr(self.spec, f.name) != f.default}
+        changed = {
+            f.name: getattr(self.spec, f.name)
+            for f in dataclasses.fields(self.spec)
+            if f.default is dataclasses.MISSING or getattr(self.spec, f.name) != f.default
+        }
         if self.implementation != "auto":
             changed["implementation"] = self.implementation
         return ", ".join(f"{k}={v!r}" for k, v in changed.items())
@@ -102,15 +105,21 @@ def make(layer: Layer) -> nn.Module | nn.Parameter:
     module: nn.Module
     if isinstance(layer, Conv):
         cls: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(layer.kernel_size)]
-        module = cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=layer.bias,
-                     groups=layer.groups, padding=layer.padding or 0)
+        module = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            bias=layer.bias,
+            groups=layer.groups,
+            padding=layer.padding or 0,
+        )
     elif isinstance(layer, BatchNorm):
         module = BatchNormNd(layer.num_features, eps=layer.eps, momentum=layer.momentum)
     elif isinstance(layer, Dense):
         module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
     elif isinstance(layer, GroupNorm):
         module = nn.GroupNorm(layer.num_groups, layer.num_channels, eps=layer.eps)
-    elif isinstance(layer, Param):     # Gate included: a plain parameter here
+    elif isinstance(layer, Param):  # Gate included: a plain parameter here
         return nn.Parameter(initial(layer.init, layer.shape))
     else:  # pragma: no cover
         raise TypeError(f"unknown schema layer {layer!r}")
@@ -126,4 +135,3 @@ def initial(init: float | Uniform, shape: tuple[int, ...]) -> torch.Tensor:
     if isinstance(init, Uniform):
         return torch.empty(shape).uniform_(init.low, init.high)
     return torch.full(shape, float(init))
-

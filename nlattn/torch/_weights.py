@@ -40,7 +40,7 @@ class TorchWeights(WeightAccess):
 
     def read(self, variable):
         value = variable.detach().cpu()
-        if value.dtype == torch.bfloat16:      # NumPy has no bfloat16: widen exactly
+        if value.dtype == torch.bfloat16:  # NumPy has no bfloat16: widen exactly
             value = value.float()
         return value.numpy()
 

@@ -31,25 +31,33 @@ class _SAGAN(_QKV):
     def forward(self, x, return_attention: bool = False):
         """x (B, C, H, W) -> γ·out + x (B, C, H, W) [, attention (B, N, N), rows are queries]."""
         self.check_input(x)
-        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in self.qkv(x))   # (B, 1, N, c)
+        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in self.qkv(x))  # (B, 1, N, c)
         if self.fast(return_attention):
-            attn, out = None, kernels.softmax_attention(q, k, v)     # the N×N map is never stored
+            attn, out = None, kernels.softmax_attention(q, k, v)  # the N×N map is never stored
         else:
-            attn = torch.softmax(kernels.energies(q, k), dim=-1).to(x.dtype)[:, 0]   # (B, N, N), over keys
+            attn = torch.softmax(kernels.energies(q, k), dim=-1).to(x.dtype)[:, 0]  # (B, N, N), over keys
             out = attn[:, None] @ v
         y = self.gamma * out[:, 0].transpose(1, 2).reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
 class SelfAttention(_SAGAN):
-    __doc__ = ("SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
-               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "SAGAN self-attention (Zhang et al. 2019): y = γ·V softmax(QᵀK)ᵀ + x.\n\n    "
+        + str(_QKV.__doc__)
+        + "\n    "
+        + str(_SAGAN.__doc__)
+    )
     config_class = SelfAttentionConfig
 
 
 class PositionAttention(_SAGAN):
-    __doc__ = ("DANet position attention module (PAM): the SAGAN computation.\n\n    "
-               + str(_QKV.__doc__) + "\n    " + str(_SAGAN.__doc__))
+    __doc__ = (
+        "DANet position attention module (PAM): the SAGAN computation.\n\n    "
+        + str(_QKV.__doc__)
+        + "\n    "
+        + str(_SAGAN.__doc__)
+    )
     config_class = PositionAttentionConfig
 
 
@@ -59,6 +67,7 @@ class ChannelAttention(Block):
 
     x (B, C, H, W) -> (B, C, H, W) [, attention (B, C, C)]. ``in_channels`` is optional.
     """
+
     config_class = ChannelAttentionConfig
 
     def build_layers(self, make):
@@ -66,8 +75,8 @@ class ChannelAttention(Block):
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
-        xf = x.flatten(2)                                    # (B, C, N)
-        wide = xf.to(work_dtype(x.dtype))      # the energies feed a softmax: no bf16 rounding
+        xf = x.flatten(2)  # (B, C, N)
+        wide = xf.to(work_dtype(x.dtype))  # the energies feed a softmax: no bf16 rounding
         energy = wide @ wide.transpose(1, 2)
         attn = torch.softmax(energy.amax(-1, keepdim=True) - energy, dim=-1).to(x.dtype)
         y = self.gamma * (attn @ xf).reshape(x.shape) + x
@@ -81,19 +90,19 @@ class CrissCrossAttention(_QKV):
     softmax over the H + W energies; y = γ·out + x, γ (1,) = 0 at init. x (B, C, H, W) ->
     (B, C, H, W) [, attention of the last pass (B, H, W, H + W), column (H) then row (W)].
     """
+
     config_class = CrissCrossAttentionConfig
 
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
         h = x.shape[2]
-        itself = torch.eye(h, dtype=torch.bool, device=x.device)[:, None, :]   # (h, 1, h'): column self-mask
+        itself = torch.eye(h, dtype=torch.bool, device=x.device)[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
             e_col = torch.einsum("bchw,bcgw->bhwg", q, k).to(work_dtype(x.dtype))
             e_col = e_col.masked_fill(itself, float("-inf"))
             e_row = torch.einsum("bchw,bchv->bhwv", q, k).to(e_col.dtype)
             attn = torch.softmax(torch.cat([e_col, e_row], -1), dim=-1).to(x.dtype)
-            out = (torch.einsum("bhwg,bcgw->bchw", attn[..., :h], v)
-                   + torch.einsum("bhwv,bchv->bchw", attn[..., h:], v))
+            out = torch.einsum("bhwg,bcgw->bchw", attn[..., :h], v) + torch.einsum("bhwv,bchv->bchw", attn[..., h:], v)
             x = self.gamma * out + x
         return (x, attn) if return_attention else x

@@ -23,6 +23,7 @@ class Built:
 
 class TorchAdapter(Adapter):
     """Blocks built with ``implementation="auto"``: the fast paths (SDPA, re-association, sorting)."""
+
     name = "torch"
     dtypes = ("float32", "float64", "bfloat16")
     unbiased_running_var = True
@@ -30,7 +31,7 @@ class TorchAdapter(Adapter):
     implementation = "auto"
 
     def __init__(self):
-        torch.set_float32_matmul_precision("highest")   # no TF32 (docs/design.md §5)
+        torch.set_float32_matmul_precision("highest")  # no TF32 (docs/design.md §5)
 
     def build(self, block, config, dtype):
         module = BLOCKS[block](**config, implementation=self.implementation).to(DTYPES[dtype])
@@ -64,14 +65,13 @@ class TorchAdapter(Adapter):
         xt = self._input(built, x).requires_grad_(True)
         out = m(xt)
         (out * torch.from_numpy(np.asarray(cotangent)).to(out.dtype)).sum().backward()
-        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p))
-                 for name, p in m.named_parameters()}
-        return (_numpy(xt.grad).astype(np.float64),
-                {k: _numpy(g).astype(np.float64) for k, g in grads.items()})
+        grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in m.named_parameters()}
+        return (_numpy(xt.grad).astype(np.float64), {k: _numpy(g).astype(np.float64) for k, g in grads.items()})
 
 
 class TorchNaiveAdapter(TorchAdapter):
     """Blocks built with ``implementation="naive"``: every relation map materialised."""
+
     name = "torch-naive"
     implementation = "naive"
 

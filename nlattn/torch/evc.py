@@ -27,21 +27,22 @@ class _Encoding(nn.Module):
         self.scale = make(L[f"{p}.scale"])
 
     def _apply(self, fn, recurse=True):
-        def keep_wide(t):   # .to(bfloat16) / .half() move the codebook's device, not its precision
+        def keep_wide(t):  # .to(bfloat16) / .half() move the codebook's device, not its precision
             out = fn(t)
             if out.dtype in REDUCED:
                 return t.to(device=out.device, dtype=torch.float32)
             return out
+
         return super()._apply(keep_wide, recurse)
 
     def forward(self, x):
         """x (B, C, H, W) -> (encoded (B, K, C), assignment (B, N, K))."""
         dtype = x.dtype
-        pos = x.flatten(2).transpose(1, 2).to(work_dtype(dtype))            # (B, N, C)
+        pos = x.flatten(2).transpose(1, 2).to(work_dtype(dtype))  # (B, N, C)
         d = self.codewords.to(pos.dtype)
         # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
         dist = (pos * pos).sum(-1, keepdim=True) - 2 * pos @ d.T + (d * d).sum(-1)
-        assign = torch.softmax(self.scale.to(pos.dtype) * dist, dim=-1)     # (B, N, K)
+        assign = torch.softmax(self.scale.to(pos.dtype) * dist, dim=-1)  # (B, N, K)
         # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k
         encoded = assign.transpose(1, 2) @ pos - assign.sum(1)[..., None] * d
         return encoded.to(dtype), assign.to(dtype)
@@ -79,15 +80,22 @@ class _LVC(nn.Module):
     def __init__(self, make, L, p):
         super().__init__()
         self.conv_1 = _ConvBlock(make, L, f"{p}.conv_1")
-        self.LVC = nn.Sequential(make(L[f"{p}.LVC.0"]), make(L[f"{p}.LVC.1"]), nn.ReLU(),
-                                 _Encoding(make, L, f"{p}.LVC.3"), make(L[f"{p}.LVC.4"]), nn.ReLU(), _Mean(1))
+        self.LVC = nn.Sequential(
+            make(L[f"{p}.LVC.0"]),
+            make(L[f"{p}.LVC.1"]),
+            nn.ReLU(),
+            _Encoding(make, L, f"{p}.LVC.3"),
+            make(L[f"{p}.LVC.4"]),
+            nn.ReLU(),
+            _Mean(1),
+        )
         self.fc = nn.Sequential(make(L[f"{p}.fc.0"]), nn.Sigmoid())
 
     def forward(self, x):
         local = self.conv_1(x)
         encoder = self.LVC
         encoded, assign = encoder[3](encoder[2](encoder[1](encoder[0](local))))
-        encoded = encoder[6](encoder[5](encoder[4](encoded)))         # BN over K, ReLU, mean over K
+        encoded = encoder[6](encoder[5](encoder[4](encoded)))  # BN over K, ReLU, mean over K
         gate = self.fc(encoded)[:, :, None, None]
         return torch.relu(local + local * gate), assign
 
@@ -150,6 +158,7 @@ class ExplicitVisualCenter(Block):
     codewords) and ``l_MLP`` (LightMLP) branches on the stem; ``cnv1`` fuses their concatenation.
     With ``return_attention=True`` also returns the soft assignment of positions to codewords (B, N, K).
     """
+
     config_class = ExplicitVisualCenterConfig
 
     def build_layers(self, make):

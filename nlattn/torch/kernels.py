@@ -67,10 +67,10 @@ def concatenation_attention(a, b, v) -> torch.Tensor:
     b_sorted, order = torch.sort(b, dim=-1, descending=True)
     v_sorted = torch.gather(v, -2, order[..., None].expand_as(v))
     zero = v.new_zeros(*v.shape[:-2], 1, v.shape[-1])
-    sum_v = torch.cat([zero, v_sorted.cumsum(-2)], -2)                        # (B, h, M + 1, cv)
+    sum_v = torch.cat([zero, v_sorted.cumsum(-2)], -2)  # (B, h, M + 1, cv)
     sum_bv = torch.cat([zero, (v_sorted * b_sorted[..., None]).cumsum(-2)], -2)
     # nᵢ = #{j : bⱼ > −aᵢ} = #{j : −bⱼ < aᵢ}, and −b_sorted is ascending
     count = torch.searchsorted((-b_sorted).contiguous(), a.contiguous(), side="left")
-    index = count[..., None].expand(*count.shape, v.shape[-1])                 # (B, h, N, cv)
+    index = count[..., None].expand(*count.shape, v.shape[-1])  # (B, h, N, cv)
     y = a[..., None] * torch.gather(sum_v, -2, index) + torch.gather(sum_bv, -2, index)
     return (y / m).to(dtype)

@@ -26,7 +26,7 @@ def fast_exp(y: torch.Tensor) -> torch.Tensor:
 def fast_exp_envelope(y: torch.Tensor) -> torch.Tensor:
     """The continuous piecewise-linear function that ``fast_exp`` samples (float64, differentiable):
     slope 2**(E − 1023) / ln 2 inside the binade of exponent E, 0 where fast_exp's integer wraps."""
-    hi = (FAST_EXP_A * y.to(torch.float64) + FAST_EXP_BC).clamp(min=0) / 2.0 ** 20
+    hi = (FAST_EXP_A * y.to(torch.float64) + FAST_EXP_BC).clamp(min=0) / 2.0**20
     exponent = torch.floor(hi.detach())
     return torch.where(hi > 0, torch.ldexp(1.0 + (hi - exponent), exponent - 1023), 0.0)
 
@@ -45,6 +45,7 @@ class NonLocalMeans(Block):
     where the added term is exactly 0 (computed only when x requires grad). ``implementation``
     is accepted and has no effect (there is one path).
     """
+
     config_class = NonLocalMeansConfig
 
     def forward(self, x):
@@ -64,34 +65,34 @@ class NonLocalMeans(Block):
         cfg = self.spec
         b, c, height, width = xw.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        kernel = torch.as_tensor(cfg.patch_kernel(c), dtype=xw.dtype, device=xw.device)   # (s, s)
+        kernel = torch.as_tensor(cfg.patch_kernel(c), dtype=xw.dtype, device=xw.device)  # (s, s)
         noise = c * 2.0 * cfg.sigma * cfg.sigma
 
-        patches = F.pad(xw, (o, o, o, o), mode="reflect")          # every pixel has a full patch
+        patches = F.pad(xw, (o, o, o, o), mode="reflect")  # every pixel has a full patch
         hp, wp = height + 2 * o, width + 2 * o
-        others = F.pad(patches, (d, d, d, d))                       # shifted by up to ±d (0 outside)
+        others = F.pad(patches, (d, d, d, d))  # shifted by up to ±d (0 outside)
         values = F.pad(xw, (d, d, d, d))
         rows_in = torch.arange(height, device=xw.device)
         cols_in = torch.arange(width, device=xw.device)[None, :] + torch.arange(-d, d + 1, device=xw.device)[:, None]
-        col_ok = (cols_in >= 0) & (cols_in < width)                 # (n_off, W): candidate column in the image
+        col_ok = (cols_in >= 0) & (cols_in < width)  # (n_off, W): candidate column in the image
 
         num = torch.zeros_like(xw)
         den = xw.new_zeros(b, height, width)
-        for di in range(-d, d + 1):          # offset rows in a loop, offset columns vectorised
-            if abs(di) >= height:            # no centre has its candidate row in the image
+        for di in range(-d, d + 1):  # offset rows in a loop, offset columns vectorised
+            if abs(di) >= height:  # no centre has its candidate row in the image
                 continue
-            row_ok = ((rows_in + di >= 0) & (rows_in + di < height))[:, None]            # (H, 1)
-            strip = others[:, :, d + di:d + di + hp].unfold(-1, wp, 1)              # (B, C, hp, n_off, wp)
-            sq = ((patches[:, :, :, None] - strip) ** 2).sum(1) - noise             # (B, hp, n_off, wp)
+            row_ok = ((rows_in + di >= 0) & (rows_in + di < height))[:, None]  # (H, 1)
+            strip = others[:, :, d + di : d + di + hp].unfold(-1, wp, 1)  # (B, C, hp, n_off, wp)
+            sq = ((patches[:, :, :, None] - strip) ** 2).sum(1) - noise  # (B, hp, n_off, wp)
             # R[.., r, j, c, k] = Σ_l sq[.., r, j, c + l]·w[k, l]; patch row k of centre r is R at r + k
-            rk = torch.einsum("brjcl,kl->brjck", sq.unfold(-1, s, 1), kernel)        # (B, hp, n_off, W, s)
-            rows = torch.stack([rk[:, k:k + height, ..., k] for k in range(s)], -1)  # (B, H, n_off, W, s)
+            rk = torch.einsum("brjcl,kl->brjck", sq.unfold(-1, s, 1), kernel)  # (B, hp, n_off, W, s)
+            rows = torch.stack([rk[:, k : k + height, ..., k] for k in range(s)], -1)  # (B, H, n_off, W, s)
             partial = torch.cumsum(rows, -1)
             # tested before rows 1 … s−1 are added: the partial sums of rows 0 … s−2, never the total
             cut = (partial[..., :-1] > NL_MEANS_DISTANCE_CUTOFF).any(-1)
-            keep = ~cut & row_ok[:, None, :] & col_ok                               # (B, H, n_off, W)
+            keep = ~cut & row_ok[:, None, :] & col_ok  # (B, H, n_off, W)
             weight = torch.where(keep, exp(-partial[..., -1].clamp(min=0)), 0.0).to(xw.dtype)
-            cand = values[:, :, d + di:d + di + height].unfold(-1, width, 1)        # (B, C, H, n_off, W)
+            cand = values[:, :, d + di : d + di + height].unfold(-1, width, 1)  # (B, C, H, n_off, W)
             num = num + torch.einsum("bhjw,bchjw->bchw", weight, cand)
             den = den + weight.sum(2)
         return num / den[:, None]

@@ -42,10 +42,10 @@ class _NonLocal(Block):
     def forward(self, x, return_attention: bool = False):
         """x (B, C, *S) -> (B, C, *S) [, attention (B, N, M) or (B, heads, N, M)]."""
         self.check_input(x)
-        theta, phi, g = self.embed(x)                   # (B, h, N | M, c)
-        if self.fast(return_attention):                 # never the (N, M) relation
+        theta, phi, g = self.embed(x)  # (B, h, N | M, c)
+        if self.fast(return_attention):  # never the (N, M) relation
             return self.residual(x, self.aggregate(theta, phi, g))
-        attn = self.relation(theta, phi)                # (B, h, N, M)
+        attn = self.relation(theta, phi)  # (B, h, N, M)
         out = self.residual(x, attn @ g)
         if return_attention:
             return out, (attn[:, 0] if self.spec.num_heads == 1 else attn)
@@ -78,7 +78,7 @@ class _NonLocal(Block):
             theta, phi = x, x_pooled
         elif cfg.share_query_key:
             theta = self.theta(x)
-            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)   # one conv: reuse θ
+            phi = self.theta(x_pooled) if cfg.pool_first else self.pool(theta)  # one conv: reuse θ
         else:
             theta, phi = self.theta(x), pooled(self.phi)
         return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
@@ -94,10 +94,11 @@ class _NonLocal(Block):
         if cfg.mode == "concatenation":
             # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
             n, c = theta.shape[-2], theta.shape[-1]
-            pairs = torch.cat([theta[..., :, None, :].expand(-1, -1, -1, m, -1),
-                               phi[..., None, :, :].expand(-1, -1, n, -1, -1)], -1)
+            pairs = torch.cat(
+                [theta[..., :, None, :].expand(-1, -1, -1, m, -1), phi[..., None, :, :].expand(-1, -1, n, -1, -1)], -1
+            )
             return torch.relu(pairs @ self.concat_project.weight.reshape(2 * c)) / m
-        f = kernels.energies(theta, phi)                # float32 for half-precision inputs
+        f = kernels.energies(theta, phi)  # float32 for half-precision inputs
         if cfg.scale is not None:
             f = f * cfg.scale
         return (f / m if cfg.mode == "dot_product" else torch.softmax(f, dim=-1)).to(theta.dtype)
@@ -129,6 +130,7 @@ class NonLocalBlock2D(_NonLocal):
 
 
 class NonLocalBlock3D(_NonLocal):
-    __doc__ = str(_NonLocal.__doc__).replace("(B, C, *S)", "(B, C, T, H, W)", 1) + \
-        "    Sub-sampling max-pools (1, 2, 2).\n"
+    __doc__ = (
+        str(_NonLocal.__doc__).replace("(B, C, *S)", "(B, C, T, H, W)", 1) + "    Sub-sampling max-pools (1, 2, 2).\n"
+    )
     config_class = NonLocalBlock3DConfig

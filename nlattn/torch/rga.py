@@ -18,15 +18,16 @@ class RelationAwareAttention(Block):
     ``return_attention=True`` also returns the relations of the first branch: spatial (B, N, N)
     with ``use_spatial``, else channel (B, C, C).
     """
+
     config_class = RelationAwareAttentionConfig
 
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
 
-        def cbr(prefix):          # conv → BN → ReLU
+        def cbr(prefix):  # conv → BN → ReLU
             return nn.Sequential(make(L[f"{prefix}.0"]), make(L[f"{prefix}.1"]), nn.ReLU())
 
-        def gate(prefix):         # cbr → conv → BN(1): the attention logit
+        def gate(prefix):  # cbr → conv → BN(1): the attention logit
             return nn.Sequential(*cbr(prefix), make(L[f"{prefix}.3"]), make(L[f"{prefix}.4"]))
 
         # in the published module's __init__ order (so state_dict orders agree)
@@ -56,19 +57,19 @@ class RelationAwareAttention(Block):
         if cfg.use_spatial:
             theta = self.theta_spatial(x).reshape(b, -1, n)
             phi = self.phi_spatial(x).reshape(b, -1, n)
-            rel = torch.einsum("bcn,bcm->bnm", theta, phi)                 # r(i, j), (B, N, N)
+            rel = torch.einsum("bcn,bcm->bnm", theta, phi)  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
             joint = torch.cat([rel.transpose(1, 2).reshape(b, n, h, w), rel.reshape(b, n, h, w)], 1)
             feat = torch.cat([self.gx_spatial(x).mean(1, keepdim=True), self.gg_spatial(joint)], 1)
             x = torch.sigmoid(self.W_spatial(feat)) * x
             relations.append(rel)
         if cfg.use_channel:
-            xc = x.reshape(b, c, n).transpose(1, 2)[..., None]             # positions as channels (B, N, C, 1)
-            theta = self.theta_channel(xc)[..., 0].transpose(1, 2)         # (B, C, Ni)
-            phi = self.phi_channel(xc)[..., 0]                             # (B, Ni, C)
-            rel = theta @ phi                                              # (B, C, C)
-            joint = torch.cat([rel.transpose(1, 2)[..., None], rel[..., None]], 1)   # (B, 2C, C, 1)
+            xc = x.reshape(b, c, n).transpose(1, 2)[..., None]  # positions as channels (B, N, C, 1)
+            theta = self.theta_channel(xc)[..., 0].transpose(1, 2)  # (B, C, Ni)
+            phi = self.phi_channel(xc)[..., 0]  # (B, Ni, C)
+            rel = theta @ phi  # (B, C, C)
+            joint = torch.cat([rel.transpose(1, 2)[..., None], rel[..., None]], 1)  # (B, 2C, C, 1)
             feat = torch.cat([self.gx_channel(xc).mean(1, keepdim=True), self.gg_channel(joint)], 1)
-            x = torch.sigmoid(self.W_channel(feat).transpose(1, 2)) * x    # gate (B, C, 1, 1)
+            x = torch.sigmoid(self.W_channel(feat).transpose(1, 2)) * x  # gate (B, C, 1, 1)
             relations.append(rel)
         return (x, relations[0]) if return_attention else x

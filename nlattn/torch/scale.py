@@ -8,6 +8,7 @@ from ._base import Block
 
 class Scale(Block):
     """y = gamma * x for any input shape; ``gamma`` has shape (1,), initialised to ``init`` (0)."""
+
     config_class = ScaleConfig
 
     def build_layers(self, make):

@@ -22,7 +22,22 @@ from .frameworks import build, export_weights, framework_of, load_weights
 from .importers import SOURCES, from_checkpoint
 from .unpickle import SafeUnpickler, UnsafePickleError
 
-__all__ = ["LAYOUT_VERSION", "SOURCES", "Checkpoint", "SafeUnpickler", "UnsafePickleError",
-           "WeightFileError", "build", "convert", "export_weights", "framework_of", "from_checkpoint",
-           "load_file", "load_weights", "read_checkpoint", "read_state_dict", "save_weights",
-           "write_checkpoint"]
+__all__ = [
+    "LAYOUT_VERSION",
+    "SOURCES",
+    "Checkpoint",
+    "SafeUnpickler",
+    "UnsafePickleError",
+    "WeightFileError",
+    "build",
+    "convert",
+    "export_weights",
+    "framework_of",
+    "from_checkpoint",
+    "load_file",
+    "load_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "save_weights",
+    "write_checkpoint",
+]

@@ -43,9 +43,9 @@ def walk(root: Any, dotted: str) -> Any:
 def to_native(t: Tensor, value: np.ndarray, shape: tuple[int, ...], channels_last: bool) -> np.ndarray:
     """A canonical array in a framework's layout, reshaped to its variable's ``shape`` (a 1D or 3D
     block's ``concat_project`` is a 2D conv in some frameworks)."""
-    if channels_last and t.kind == "conv_kernel":        # (O, I, *k) -> (*k, I, O)
+    if channels_last and t.kind == "conv_kernel":  # (O, I, *k) -> (*k, I, O)
         value = np.transpose(value, (*range(2, value.ndim), 1, 0))
-    elif channels_last and t.kind == "dense_kernel":     # (out, in) -> (in, out)
+    elif channels_last and t.kind == "dense_kernel":  # (out, in) -> (in, out)
         value = value.T
     return value.reshape(shape)
 
@@ -96,7 +96,7 @@ class WeightAccess:
         """Canonical weights of a block, or of every nlattn block inside a model (names prefixed
         by the block's path), as NumPy copies in the variables' dtype, in schema order."""
         out = {}
-        with _LOCK:          # never half of a concurrent load
+        with _LOCK:  # never half of a concurrent load
             for path, block in self.blocks(model):
                 schema = tensors(block.spec.schema())
                 for name, variable in self.variables(block).items():
@@ -125,8 +125,9 @@ class WeightAccess:
                 native = to_native(schema[key], own[key], tuple(variable.shape), self.channels_last)
                 staged.append((variable, self.convert(variable, native)))
                 if not self.finite(staged[-1][1]):
-                    overflow.append(f"{join(path, key)!r} is not finite in the variable's dtype "
-                                    f"(values beyond its range)")
+                    overflow.append(
+                        f"{join(path, key)!r} is not finite in the variable's dtype (values beyond its range)"
+                    )
         if overflow:
             raise WeightError(name, overflow)
         with _LOCK:

@@ -54,6 +54,7 @@ class Checkpoint:
     ``source`` (the checkpoint's origin), ``mapped`` (canonical name -> source key), ``dropped``
     (source key -> why it was left out) and ``notes`` (conventions the importer applied).
     """
+
     block: str
     config: dict[str, Any]
     weights: dict[str, np.ndarray]
@@ -87,19 +88,20 @@ class Checkpoint:
 # array helpers
 # ----------------------------------------------------------------------------------------------
 
+
 def to_numpy(value):
     """NumPy view of an array-like (NumPy, torch, JAX, TF tensors); bfloat16 and float8, which
     NumPy and safetensors' NumPy API cannot hold, are widened exactly to float32."""
     if isinstance(value, np.ndarray):
         return value
-    if hasattr(value, "detach") and hasattr(value, "cpu"):            # torch.Tensor, without torch
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without torch
         t = value.detach().cpu()
         if str(t.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):
             t = t.float()
         return t.numpy()
     if hasattr(value, "__array__") or isinstance(value, (int, float, bool, list, tuple)):
         value = np.asarray(value)
-        if value.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):   # ml_dtypes (JAX): widen
+        if value.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # ml_dtypes (JAX): widen
             value = value.astype(np.float32)
         return value
     return value
@@ -113,6 +115,7 @@ def _weights_dict(weights: Mapping) -> dict[str, np.ndarray]:
 # writing
 # ----------------------------------------------------------------------------------------------
 
+
 def _resolve(block_or_weights, config, block) -> Checkpoint:
     """A validated Checkpoint from a Checkpoint, a canonical dict (+ block, config) or a framework block."""
     if isinstance(block_or_weights, Checkpoint):
@@ -123,24 +126,28 @@ def _resolve(block_or_weights, config, block) -> Checkpoint:
             ckpt = Checkpoint(ckpt.block, {**ckpt.config, **dict(config)}, ckpt.weights)
     elif isinstance(block_or_weights, Mapping):
         if block is None:
-            raise ConfigError("save_weights: a canonical weights dict needs block= (the class name, "
-                              "e.g. 'NonLocalBlock2D') and config= (its constructor keywords)")
+            raise ConfigError(
+                "save_weights: a canonical weights dict needs block= (the class name, "
+                "e.g. 'NonLocalBlock2D') and config= (its constructor keywords)"
+            )
         ckpt = Checkpoint(block, dict(config or {}), _weights_dict(block_or_weights))
-    else:   # a framework block: its spec and exported weights
+    else:  # a framework block: its spec and exported weights
         from .frameworks import export_weights
+
         spec = getattr(block_or_weights, "spec", None)
         if spec is None:
-            raise TypeError(f"save_weights: expected an nlattn block, a Checkpoint or a dict of "
-                            f"arrays, got {type(block_or_weights).__name__}")
+            raise TypeError(
+                f"save_weights: expected an nlattn block, a Checkpoint or a dict of "
+                f"arrays, got {type(block_or_weights).__name__}"
+            )
         if block is not None and block != spec.block:
             raise ConfigError(f"save_weights: block={block!r} but the block is a {spec.block}")
         if config is not None and make_config(spec.block, **dict(config)) != spec:
             raise ConfigError(f"save_weights: config= differs from the block's own config {spec}")
         ckpt = Checkpoint(spec.block, spec.to_dict(), _weights_dict(export_weights(block_or_weights)))
-    cfg = ckpt.spec()      # ConfigError if invalid
+    cfg = ckpt.spec()  # ConfigError if invalid
     check_weights(cfg.block, cfg.schema(), ckpt.weights)
-    return Checkpoint(cfg.block, cfg.to_dict(), ckpt.weights, ckpt.source, ckpt.mapped, ckpt.dropped,
-                      ckpt.notes)
+    return Checkpoint(cfg.block, cfg.to_dict(), ckpt.weights, ckpt.source, ckpt.mapped, ckpt.dropped, ckpt.notes)
 
 
 def save_weights(path, block_or_weights, config: dict | None = None, block: str | None = None):
@@ -157,8 +164,12 @@ def save_weights(path, block_or_weights, config: dict | None = None, block: str 
 
     ckpt = _resolve(block_or_weights, config, block)
     tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.weights.items()}
-    metadata = {"nlattn_block": ckpt.block, "nlattn_config": json.dumps(ckpt.config, sort_keys=True),
-                "nlattn_layout": LAYOUT_VERSION, "nlattn_version": __version__}
+    metadata = {
+        "nlattn_block": ckpt.block,
+        "nlattn_config": json.dumps(ckpt.config, sort_keys=True),
+        "nlattn_layout": LAYOUT_VERSION,
+        "nlattn_version": __version__,
+    }
     path = os.fspath(path)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -196,7 +207,7 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    with _UMASK_LOCK:   # elsewhere the only way to read it is to set it, briefly
+    with _UMASK_LOCK:  # elsewhere the only way to read it is to set it, briefly
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
@@ -205,6 +216,7 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
+
 
 def _check_exists(path: str) -> None:
     if not os.path.exists(path):
@@ -223,9 +235,10 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str] | None
         with safe_open(path, framework="np") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:   # SafetensorError (truncated, corrupt header), unsupported dtype, OSError
-        raise WeightFileError(path, f"not a readable safetensors file ({type(e).__name__}: {e}); "
-                                    "the file may be truncated or corrupt") from None
+    except Exception as e:  # SafetensorError (truncated, corrupt header), unsupported dtype, OSError
+        raise WeightFileError(
+            path, f"not a readable safetensors file ({type(e).__name__}: {e}); the file may be truncated or corrupt"
+        ) from None
     return tensors, metadata
 
 
@@ -234,12 +247,18 @@ def load_file(path) -> Checkpoint:
     path = os.fspath(path)
     tensors, meta = read_safetensors(path)
     if not meta or "nlattn_block" not in meta:
-        raise WeightFileError(path, "not an nlattn weights file (no nlattn metadata). For a published "
-                                    "checkpoint use nlattn.from_checkpoint(path, source=...)")
+        raise WeightFileError(
+            path,
+            "not an nlattn weights file (no nlattn metadata). For a published "
+            "checkpoint use nlattn.from_checkpoint(path, source=...)",
+        )
     layout = meta.get("nlattn_layout")
     if layout != LAYOUT_VERSION:
-        raise WeightFileError(path, f"canonical layout version {layout!r}, this nlattn reads "
-                                    f"{LAYOUT_VERSION!r} (written by nlattn {meta.get('nlattn_version')})")
+        raise WeightFileError(
+            path,
+            f"canonical layout version {layout!r}, this nlattn reads "
+            f"{LAYOUT_VERSION!r} (written by nlattn {meta.get('nlattn_version')})",
+        )
     try:
         config = json.loads(meta.get("nlattn_config", ""))
         if not isinstance(config, dict):
@@ -254,7 +273,7 @@ def load_file(path) -> Checkpoint:
         check_weights(cfg.block, cfg.schema(), tensors)
     except WeightError as e:
         raise WeightError(f"{cfg.block} (file {path})", e.problems) from None
-    ordered = {name: tensors[name] for name in schema_tensors(cfg.schema())}    # schema order
+    ordered = {name: tensors[name] for name in schema_tensors(cfg.schema())}  # schema order
     return Checkpoint(cfg.block, cfg.to_dict(), ordered, source=path)
 
 
@@ -275,6 +294,7 @@ def read_state_dict(path) -> dict[str, Any]:
         state = _read_torch(path)
     elif lower.endswith(PICKLE_SUFFIXES):
         from .unpickle import safe_load_pickle
+
         with open(path, "rb") as f:
             state = safe_load_pickle(f.read(), path)
     elif lower.endswith(".npz"):
@@ -284,8 +304,11 @@ def read_state_dict(path) -> dict[str, Any]:
         except Exception as e:
             raise WeightFileError(path, f"not a readable .npz file ({type(e).__name__}: {e})") from None
     else:
-        raise WeightFileError(path, "unknown checkpoint format; supported: .safetensors, "
-                                    f"{', '.join(TORCH_SUFFIXES)}, {', '.join(PICKLE_SUFFIXES)}, .npz")
+        raise WeightFileError(
+            path,
+            "unknown checkpoint format; supported: .safetensors, "
+            f"{', '.join(TORCH_SUFFIXES)}, {', '.join(PICKLE_SUFFIXES)}, .npz",
+        )
     return unwrap_state_dict(state, path)
 
 
@@ -293,14 +316,18 @@ def _read_torch(path: str):
     try:
         import torch
     except ImportError:
-        raise ImportError(f"{path}: reading a PyTorch checkpoint needs PyTorch; "
-                          "install it with: pip install nlattn[torch]") from None
+        raise ImportError(
+            f"{path}: reading a PyTorch checkpoint needs PyTorch; install it with: pip install nlattn[torch]"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # UnpicklingError (unsafe content), RuntimeError (corrupt/truncated zip)
-        raise WeightFileError(path, f"cannot read the PyTorch checkpoint with weights_only=True "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                    "the file may be truncated, corrupt or hold non-tensor objects") from None
+    except Exception as e:  # UnpicklingError (unsafe content), RuntimeError (corrupt/truncated zip)
+        raise WeightFileError(
+            path,
+            f"cannot read the PyTorch checkpoint with weights_only=True "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the file may be truncated, corrupt or hold non-tensor objects",
+        ) from None
 
 
 WRAPPER_KEYS = ("state_dict", "model", "blobs")

@@ -15,8 +15,15 @@ from ..specs import CONFIGS, config_class, make_config, tensors
 from .files import Checkpoint, load_file, to_numpy
 
 #: accepted framework names -> nlattn subpackage (which is also the pip extra)
-FRAMEWORKS = {"torch": "torch", "pytorch": "torch", "tf": "tf", "keras": "tf", "tensorflow": "tf",
-              "jax": "jax", "flax": "jax"}
+FRAMEWORKS = {
+    "torch": "torch",
+    "pytorch": "torch",
+    "tf": "tf",
+    "keras": "tf",
+    "tensorflow": "tf",
+    "jax": "jax",
+    "flax": "jax",
+}
 _ROOTS = {"torch": "torch", "keras": "tf", "tensorflow": "tf", "tf_keras": "tf", "flax": "jax", "jax": "jax"}
 
 
@@ -28,8 +35,10 @@ def framework_of(block) -> str:
             return parts[1]
         if parts[0] in _ROOTS:
             return _ROOTS[parts[0]]
-    raise TypeError(f"cannot tell the framework of a {type(block).__module__}.{type(block).__name__}: "
-                    "expected a torch, Keras or Flax module")
+    raise TypeError(
+        f"cannot tell the framework of a {type(block).__module__}.{type(block).__name__}: "
+        "expected a torch, Keras or Flax module"
+    )
 
 
 def backend(framework: str):
@@ -60,8 +69,10 @@ def _checked(block, ckpt: Checkpoint) -> dict:
             raise WeightError(spec.block, [f"the weights are for a {ckpt.block}, not a {spec.block}"])
         theirs = make_config(ckpt.block, **ckpt.config)
         if _shapes(theirs) != _shapes(spec):
-            raise WeightError(spec.block, [f"the weights were saved for config {theirs}, which has "
-                                           f"other parameters than this block's {spec}"])
+            raise WeightError(
+                spec.block,
+                [f"the weights were saved for config {theirs}, which has other parameters than this block's {spec}"],
+            )
     return ckpt.weights
 
 
@@ -78,8 +89,9 @@ def load_weights(block, weights_or_path) -> None:
     elif isinstance(weights_or_path, Mapping):
         weights = {str(k): to_numpy(v) for k, v in weights_or_path.items()}
     else:
-        raise TypeError(f"load_weights: expected a dict of arrays, a Checkpoint or a path, "
-                        f"got {type(weights_or_path).__name__}")
+        raise TypeError(
+            f"load_weights: expected a dict of arrays, a Checkpoint or a path, got {type(weights_or_path).__name__}"
+        )
     backend(framework_of(block)).load_weights(block, weights)
 
 
@@ -108,13 +120,13 @@ def build(checkpoint_or_block_name, framework: str, **config):
         ckpt = src
     elif isinstance(src, (str, os.PathLike)) and os.fspath(src) not in CONFIGS:
         if not os.path.exists(os.fspath(src)):
-            config_class(os.fspath(src))          # ConfigError: unknown block (and no such file)
+            config_class(os.fspath(src))  # ConfigError: unknown block (and no such file)
         ckpt = load_file(src)
     name = ckpt.block if ckpt is not None else os.fspath(src)
     fields = set(config_class(name).__dataclass_fields__)
     keywords = {**(ckpt.config if ckpt is not None else {}), **config}
     spec_kw = {k: v for k, v in keywords.items() if k in fields}
-    spec = make_config(name, **spec_kw)        # validate before any framework import
+    spec = make_config(name, **spec_kw)  # validate before any framework import
     fw = FRAMEWORKS.get(str(framework).lower())
     mod = backend(framework)
     cls = getattr(mod, name, None)
@@ -122,6 +134,7 @@ def build(checkpoint_or_block_name, framework: str, **config):
         raise ConfigError(f"nlattn.{fw} has no {name}")
     if fw == "jax" and "rngs" not in keywords:
         from flax import nnx
+
         keywords["rngs"] = nnx.Rngs(0)
     block = cls(**keywords)
     if fw == "tf" and not getattr(block, "built", True):

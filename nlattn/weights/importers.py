@@ -47,6 +47,7 @@ BN_COUNTER = "BatchNorm step counter (not a weight)"
 @dataclass
 class _Import:
     """What a source importer found: block, config keywords, canonical weights and the report."""
+
     block: str
     config: dict
     weights: dict = field(default_factory=dict)
@@ -69,8 +70,10 @@ class _Ctx:
         """A config value read from the checkpoint; a contradicting keyword is an error."""
         given = self.kw.get(name)
         if given is not None and _norm(given) != _norm(value):
-            raise ConfigError(f"{block}: keyword {name}={given!r} contradicts the checkpoint "
-                              f"({self.where}), which has {name}={value!r}")
+            raise ConfigError(
+                f"{block}: keyword {name}={given!r} contradicts the checkpoint "
+                f"({self.where}), which has {name}={value!r}"
+            )
         return value
 
     def ratio(self, block: str, name: str, constraints: list[tuple[int, int]], default: int = 8) -> int:
@@ -80,15 +83,16 @@ class _Ctx:
             bad = [(t, w) for t, w in constraints if t // given != w]
             if bad:
                 t, w = bad[0]
-                raise ConfigError(f"{block}: keyword {name}={given!r} contradicts the checkpoint "
-                                  f"({self.where}): {t} // {given} = {t // given}, the weights have {w}")
+                raise ConfigError(
+                    f"{block}: keyword {name}={given!r} contradicts the checkpoint "
+                    f"({self.where}): {t} // {given} = {t // given}, the weights have {w}"
+                )
             return given
         top = max(t for t, _ in constraints)
         fits = [r for r in range(1, top + 1) if all(t // r == w for t, w in constraints)]
         if not fits:
-            self.fail([f"no {name} gives the widths {[w for _, w in constraints]} from "
-                       f"{[t for t, _ in constraints]}"])
-        t, w = constraints[0]    # prefer the default, then the exact quotient (as the anchor wrote it)
+            self.fail([f"no {name} gives the widths {[w for _, w in constraints]} from {[t for t, _ in constraints]}"])
+        t, w = constraints[0]  # prefer the default, then the exact quotient (as the anchor wrote it)
         return next(r for r in (default, t // max(w, 1), fits[0]) if r in fits)
 
     def array(self, key: str) -> np.ndarray:
@@ -103,8 +107,10 @@ def _norm(v):
 # prefixes and key mapping
 # ----------------------------------------------------------------------------------------------
 
-def _prefixes(state, anchor: str, siblings: tuple[str, ...] = (), sep: str = ".",
-              accept: Callable[[str], bool] | None = None) -> list[str]:
+
+def _prefixes(
+    state, anchor: str, siblings: tuple[str, ...] = (), sep: str = ".", accept: Callable[[str], bool] | None = None
+) -> list[str]:
     """Prefixes p (``''`` or ending with ``sep``) with ``p + anchor`` and every ``p + sibling`` in state."""
     found = set()
     for k in state:
@@ -119,10 +125,11 @@ def _prefixes(state, anchor: str, siblings: tuple[str, ...] = (), sep: str = "."
     return sorted(found)
 
 
-def _choose(ctx: _Ctx, found: list[str], prefix: str | None, what: str, sep: str = ".",
-            labels: dict[str, str] | None = None) -> str:
+def _choose(
+    ctx: _Ctx, found: list[str], prefix: str | None, what: str, sep: str = ".", labels: dict[str, str] | None = None
+) -> str:
     labels = labels or {}
-    what, _, hint = what.partition(" (")      # "name (keys ...)"
+    what, _, hint = what.partition(" (")  # "name (keys ...)"
     hint = f" (looking for {hint}" if hint else ""
     listing = ", ".join(repr(p) + (f" ({labels[p]})" if p in labels else "") for p in found)
     if prefix is not None:
@@ -137,8 +144,13 @@ def _choose(ctx: _Ctx, found: list[str], prefix: str | None, what: str, sep: str
     return found[0]
 
 
-def _map(ctx: _Ctx, res: _Import, keys: dict[str, str], rename: Callable[[str], str | None],
-         drop: Callable[[str], str | None] = lambda rest: None) -> None:
+def _map(
+    ctx: _Ctx,
+    res: _Import,
+    keys: dict[str, str],
+    rename: Callable[[str], str | None],
+    drop: Callable[[str], str | None] = lambda rest: None,
+) -> None:
     """Map block keys ({rest: full key}) to canonical names; anything unmappable is an error."""
     unmapped = []
     for rest, key in keys.items():
@@ -152,11 +164,10 @@ def _map(ctx: _Ctx, res: _Import, keys: dict[str, str], rename: Callable[[str], 
             continue
         if name in res.weights:
             ctx.fail([f"{key!r} and {res.mapped[name]!r} both map to {name!r}"])
-        res.weights[name] = np.array(ctx.state[key])     # a copy: never alias the caller's arrays
+        res.weights[name] = np.array(ctx.state[key])  # a copy: never alias the caller's arrays
         res.mapped[name] = key
     if unmapped:
-        ctx.fail([f"cannot map {k!r}: not a parameter of a {res.block} in {ctx.source} naming"
-                  for k in unmapped])
+        ctx.fail([f"cannot map {k!r}: not a parameter of a {res.block} in {ctx.source} naming" for k in unmapped])
 
 
 def _under(state, prefix: str, modules: set[str], sep: str = ".") -> dict[str, str]:
@@ -164,7 +175,7 @@ def _under(state, prefix: str, modules: set[str], sep: str = ".") -> dict[str, s
     out = {}
     for k in state:
         if k.startswith(prefix):
-            rest = k[len(prefix):]
+            rest = k[len(prefix) :]
             if rest.split(sep)[0] in modules:
                 out[rest] = k
     return out
@@ -173,8 +184,7 @@ def _under(state, prefix: str, modules: set[str], sep: str = ".") -> dict[str, s
 def _dims(ctx: _Ctx, key: str) -> int:
     nd = ctx.array(key).ndim - 2
     if nd not in (1, 2, 3):
-        ctx.fail([f"{key!r} has shape {ctx.array(key).shape}: expected a 1D/2D/3D conv kernel "
-                  "(out, in, *k)"])
+        ctx.fail([f"{key!r} has shape {ctx.array(key).shape}: expected a 1D/2D/3D conv kernel (out, in, *k)"])
     return nd
 
 
@@ -182,15 +192,19 @@ def _dims(ctx: _Ctx, key: str) -> int:
 # non-local sources
 # ----------------------------------------------------------------------------------------------
 
+
 def _alexhex7(ctx: _Ctx, prefix):
     s = ctx.state
-    found = sorted(set(_prefixes(s, "g.0.weight") + _prefixes(s, "g.weight"))
-                   & set(_prefixes(s, "W.0.weight") + _prefixes(s, "W.weight")))
+    found = sorted(
+        set(_prefixes(s, "g.0.weight") + _prefixes(s, "g.weight"))
+        & set(_prefixes(s, "W.0.weight") + _prefixes(s, "W.weight"))
+    )
     p = _choose(ctx, found, prefix, "AlexHex7 non-local block (keys g[.0].weight and W[.0].weight)")
     sub = p + "g.0.weight" in s
     if (p + "phi.0.weight" in s and not sub) or (p + "phi.weight" in s and sub):
-        ctx.fail([f"g and phi disagree on sub-sampling (g{'.0' if sub else ''}.weight with "
-                  f"phi{'' if sub else '.0'}.weight)"])
+        ctx.fail(
+            [f"g and phi disagree on sub-sampling (g{'.0' if sub else ''}.weight with phi{'' if sub else '.0'}.weight)"]
+        )
     bn = p + "W.0.weight" in s
     g_key = p + ("g.0.weight" if sub else "g.weight")
     block = f"NonLocalBlock{_dims(ctx, g_key)}D"
@@ -202,20 +216,27 @@ def _alexhex7(ctx: _Ctx, prefix):
     else:
         mode = ctx.kw.get("mode", "embedded_gaussian")
         if mode not in ("embedded_gaussian", "dot_product"):
-            raise ConfigError(f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): "
-                              "it has theta/phi convs and no concat_project, so the mode is "
-                              "'embedded_gaussian' or 'dot_product'")
+            raise ConfigError(
+                f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): "
+                "it has theta/phi convs and no concat_project, so the mode is "
+                "'embedded_gaussian' or 'dot_product'"
+            )
     g = ctx.array(g_key)
-    cfg = {"in_channels": ctx.fact(block, "in_channels", int(g.shape[1])),
-           "inter_channels": ctx.fact(block, "inter_channels", int(g.shape[0])),
-           "mode": mode, "sub_sample": ctx.fact(block, "sub_sample", sub),
-           "bn_layer": ctx.fact(block, "bn_layer", bn),
-           "pool_first": ctx.fact(block, "pool_first", False)}
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", int(g.shape[1])),
+        "inter_channels": ctx.fact(block, "inter_channels", int(g.shape[0])),
+        "mode": mode,
+        "sub_sample": ctx.fact(block, "sub_sample", sub),
+        "bn_layer": ctx.fact(block, "bn_layer", bn),
+        "pool_first": ctx.fact(block, "pool_first", False),
+    }
     res = _Import(block, cfg)
     res.notes.append("AlexHex7 convention: max-pool after the phi/g convs, no softmax scale")
     if has_theta and not has_concat:
-        res.notes.append(f"mode={mode!r}: embedded_gaussian and dot_product have the same weights, "
-                         "so the mode is not read from the keys (pass mode= if needed)")
+        res.notes.append(
+            f"mode={mode!r}: embedded_gaussian and dot_product have the same weights, "
+            "so the mode is not read from the keys (pass mode= if needed)"
+        )
 
     def rename(rest):
         if "." not in rest:
@@ -238,41 +259,66 @@ def _alexhex7(ctx: _Ctx, prefix):
 
 
 #: Caffe2 blob suffix -> canonical name
-_CAFFE2 = {"theta_w": "theta.weight", "theta_b": "theta.bias", "phi_w": "phi.weight", "phi_b": "phi.bias",
-           "g_w": "g.weight", "g_b": "g.bias", "out_w": "W.weight", "out_b": "W.bias",
-           "bn_s": "bn.weight", "bn_b": "bn.bias", "bn_rm": "bn.running_mean", "bn_riv": "bn.running_var"}
-CAFFE2_BN_EPS = 1.0000001e-5      # cfg.NONLOCAL.BN_EPSILON
-CAFFE2_BN_MOMENTUM = 0.9          # cfg.NONLOCAL.BN_MOMENTUM, Caffe2 convention
+_CAFFE2 = {
+    "theta_w": "theta.weight",
+    "theta_b": "theta.bias",
+    "phi_w": "phi.weight",
+    "phi_b": "phi.bias",
+    "g_w": "g.weight",
+    "g_b": "g.bias",
+    "out_w": "W.weight",
+    "out_b": "W.bias",
+    "bn_s": "bn.weight",
+    "bn_b": "bn.bias",
+    "bn_rm": "bn.running_mean",
+    "bn_riv": "bn.running_var",
+}
+CAFFE2_BN_EPS = 1.0000001e-5  # cfg.NONLOCAL.BN_EPSILON
+CAFFE2_BN_MOMENTUM = 0.9  # cfg.NONLOCAL.BN_MOMENTUM, Caffe2 convention
 
 
 def _caffe2(ctx: _Ctx, prefix, use_scale: bool = True):
     s = ctx.state
     found = [p.rstrip("_") for p in _prefixes(s, "theta_w", ("out_w",), sep="_")]
-    p = _choose(ctx, found, None if prefix is None else prefix.rstrip("_"),
-                "video-nonlocal-net block (blobs <prefix>_theta_w and <prefix>_out_w)", sep="")
-    keys = {k[len(p) + 1:]: k for k in s if k.startswith(p + "_")}
+    p = _choose(
+        ctx,
+        found,
+        None if prefix is None else prefix.rstrip("_"),
+        "video-nonlocal-net block (blobs <prefix>_theta_w and <prefix>_out_w)",
+        sep="",
+    )
+    keys = {k[len(p) + 1 :]: k for k in s if k.startswith(p + "_")}
     theta = ctx.array(p + "_theta_w")
     block = f"NonLocalBlock{_dims(ctx, p + '_theta_w')}D"
     ci = int(theta.shape[0])
     mode = ctx.kw.get("mode", "embedded_gaussian")
     if mode not in ("embedded_gaussian", "dot_product"):
-        raise ConfigError(f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): the "
-                          "Caffe2 block is 'embedded_gaussian' (USE_SOFTMAX) or 'dot_product'")
+        raise ConfigError(
+            f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): the "
+            "Caffe2 block is 'embedded_gaussian' (USE_SOFTMAX) or 'dot_product'"
+        )
     has_bn = p + "_bn_s" in s
     affine = has_bn and p + "_bn_rm" not in s and p + "_bn_riv" not in s
-    cfg = {"in_channels": ctx.fact(block, "in_channels", int(theta.shape[1])),
-           "inter_channels": ctx.fact(block, "inter_channels", ci),
-           "pool_first": ctx.fact(block, "pool_first", True),
-           "bn_layer": ctx.fact(block, "bn_layer", has_bn and not affine),
-           "sub_sample": True, "mode": mode,
-           "scale": ci ** -0.5 if use_scale and mode == "embedded_gaussian" else None,
-           "bn_eps": CAFFE2_BN_EPS, "bn_momentum": round(1.0 - CAFFE2_BN_MOMENTUM, 12)}
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", int(theta.shape[1])),
+        "inter_channels": ctx.fact(block, "inter_channels", ci),
+        "pool_first": ctx.fact(block, "pool_first", True),
+        "bn_layer": ctx.fact(block, "bn_layer", has_bn and not affine),
+        "sub_sample": True,
+        "mode": mode,
+        "scale": ci**-0.5 if use_scale and mode == "embedded_gaussian" else None,
+        "bn_eps": CAFFE2_BN_EPS,
+        "bn_momentum": round(1.0 - CAFFE2_BN_MOMENTUM, 12),
+    }
     res = _Import(block, cfg)
-    res.notes += ["Caffe2 convention: x is max-pooled before the phi/g convs (pool_first=True)",
-                  f"softmax scale Ci^-1/2 = {ci}^-0.5 (USE_SCALE; pass use_scale=False or scale= to change)"
-                  if cfg["scale"] is not None else "no softmax scale",
-                  f"SpatialBN epsilon {CAFFE2_BN_EPS}, momentum {CAFFE2_BN_MOMENTUM} (Caffe2) = "
-                  f"{cfg['bn_momentum']} (PyTorch convention); '_riv' holds the running variance"]
+    res.notes += [
+        "Caffe2 convention: x is max-pooled before the phi/g convs (pool_first=True)",
+        f"softmax scale Ci^-1/2 = {ci}^-0.5 (USE_SCALE; pass use_scale=False or scale= to change)"
+        if cfg["scale"] is not None
+        else "no softmax scale",
+        f"SpatialBN epsilon {CAFFE2_BN_EPS}, momentum {CAFFE2_BN_MOMENTUM} (Caffe2) = "
+        f"{cfg['bn_momentum']} (PyTorch convention); '_riv' holds the running variance",
+    ]
 
     def drop(rest):
         if rest.endswith("_momentum"):
@@ -282,9 +328,9 @@ def _caffe2(ctx: _Ctx, prefix, use_scale: bool = True):
     _map(ctx, res, keys, _CAFFE2.get, drop)
     w = res.weights
     biases = ("theta.bias", "phi.bias", "g.bias", "W.bias")
-    if not any(b in w for b in biases):          # NONLOCAL.NO_BIAS: the convs have no bias
+    if not any(b in w for b in biases):  # NONLOCAL.NO_BIAS: the convs have no bias
         for b in biases:
-            kernel = w.get(b[:-len("bias")] + "weight")
+            kernel = w.get(b[: -len("bias")] + "weight")
             if kernel is not None:
                 w[b] = np.zeros(kernel.shape[0], kernel.dtype)
         res.notes.append("no conv biases in the blobs (NONLOCAL.NO_BIAS): zero biases filled in")
@@ -295,29 +341,40 @@ def _caffe2(ctx: _Ctx, prefix, use_scale: bool = True):
         kernel = w["W.weight"]
         w["W.weight"] = (kernel * sc.reshape(-1, *([1] * (kernel.ndim - 1)))).astype(kernel.dtype)
         w["W.bias"] = (w["W.bias"] * sc + sh).astype(kernel.dtype)
-        res.notes.append(f"affine-only {p}_bn_s/_bn_b (NONLOCAL.USE_AFFINE) folded into the out conv: "
-                         "W.weight = s * out_w, W.bias = s * out_b + b; bn_layer=False")
+        res.notes.append(
+            f"affine-only {p}_bn_s/_bn_b (NONLOCAL.USE_AFFINE) folded into the out conv: "
+            "W.weight = s * out_w, W.bias = s * out_b + b; bn_layer=False"
+        )
     return res
 
 
 def _timm(ctx: _Ctx, prefix, use_scale: bool = True):
     s = ctx.state
-    p = _choose(ctx, _prefixes(s, "t.weight", ("p.weight", "g.weight", "z.weight")), prefix,
-                "timm NonLocalAttn (keys t/p/g/z.weight)")
+    p = _choose(
+        ctx,
+        _prefixes(s, "t.weight", ("p.weight", "g.weight", "z.weight")),
+        prefix,
+        "timm NonLocalAttn (keys t/p/g/z.weight)",
+    )
     t = ctx.array(p + "t.weight")
     if t.ndim != 4:
         ctx.fail([f"{p}t.weight has shape {t.shape}: timm NonLocalAttn is 2D (4-D kernels)"])
     block = "NonLocalBlock2D"
     c = int(t.shape[1])
-    cfg = {"in_channels": ctx.fact(block, "in_channels", c),
-           "inter_channels": ctx.fact(block, "inter_channels", int(t.shape[0])),
-           "sub_sample": ctx.fact(block, "sub_sample", False),
-           "bn_layer": ctx.fact(block, "bn_layer", p + "norm.weight" in s),
-           "mode": ctx.fact(block, "mode", "embedded_gaussian"),
-           "scale": c ** -0.5 if use_scale else None}
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", c),
+        "inter_channels": ctx.fact(block, "inter_channels", int(t.shape[0])),
+        "sub_sample": ctx.fact(block, "sub_sample", False),
+        "bn_layer": ctx.fact(block, "bn_layer", p + "norm.weight" in s),
+        "mode": ctx.fact(block, "mode", "embedded_gaussian"),
+        "scale": c**-0.5 if use_scale else None,
+    }
     res = _Import(block, cfg)
-    res.notes.append(f"timm convention: softmax scale in_channels^-1/2 = {c}^-0.5 (use_scale=True), "
-                     "no sub-sampling" if use_scale else "timm with use_scale=False: no softmax scale")
+    res.notes.append(
+        f"timm convention: softmax scale in_channels^-1/2 = {c}^-0.5 (use_scale=True), no sub-sampling"
+        if use_scale
+        else "timm with use_scale=False: no softmax scale"
+    )
     names = {"t": "theta", "p": "phi", "g": "g", "z": "W", "norm": "bn"}
 
     def rename(rest):
@@ -338,8 +395,7 @@ _QKV = {"query_conv", "key_conv", "value_conv", "gamma"}
 def _qkv(ctx: _Ctx, p: str, block: str) -> _Import:
     q = ctx.array(p + "query_conv.weight")
     c, cq = int(q.shape[1]), int(q.shape[0])
-    cfg = {"in_channels": ctx.fact(block, "in_channels", c),
-           "qk_ratio": ctx.ratio(block, "qk_ratio", [(c, cq)])}
+    cfg = {"in_channels": ctx.fact(block, "in_channels", c), "qk_ratio": ctx.ratio(block, "qk_ratio", [(c, cq)])}
     res = _Import(block, cfg)
     _map(ctx, res, _under(ctx.state, p, _QKV), lambda rest: rest)
     return res
@@ -355,12 +411,15 @@ def _sagan(ctx: _Ctx, prefix):
 
 
 def _ccnet(ctx: _Ctx, prefix):
-    p = _choose(ctx, _qkv_prefixes(ctx.state), prefix,
-                "CCNet CrissCrossAttention (keys query_conv/key_conv/value_conv)")
+    p = _choose(
+        ctx, _qkv_prefixes(ctx.state), prefix, "CCNet CrissCrossAttention (keys query_conv/key_conv/value_conv)"
+    )
     res = _qkv(ctx, p, "CrissCrossAttention")
     if "recurrence" not in ctx.kw:
-        res.notes.append("recurrence is not stored in the weights: using recurrence=1 "
-                         "(CCNet's RCCA head runs the block twice: pass recurrence=2 for it)")
+        res.notes.append(
+            "recurrence is not stored in the weights: using recurrence=1 "
+            "(CCNet's RCCA head runs the block twice: pass recurrence=2 for it)"
+        )
     return res
 
 
@@ -411,22 +470,29 @@ def _rga(ctx: _Ctx, prefix):
         n = n2 // 2
     size = ctx.kw.get("spatial_size")
     if size is None:
-        raise ConfigError(f"{block}: spatial_size=(H, W) is not stored in the weights; pass it "
-                          f"({ctx.where}: the block was built for H*W = {n})")
+        raise ConfigError(
+            f"{block}: spatial_size=(H, W) is not stored in the weights; pass it "
+            f"({ctx.where}: the block was built for H*W = {n})"
+        )
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and int(size[0]) * int(size[1]) == n):
-        raise ConfigError(f"{block}: keyword spatial_size={size!r} contradicts the checkpoint ({ctx.where}), "
-                          f"whose convs mix H*W = {n} positions")
+        raise ConfigError(
+            f"{block}: keyword spatial_size={size!r} contradicts the checkpoint ({ctx.where}), "
+            f"whose convs mix H*W = {n} positions"
+        )
     down = []
     if spatial:
         down.append((1 + ni, shape("W_spatial.0.weight")[0]))
     if channel:
         down.append((1 + ci, shape("W_channel.0.weight")[0]))
-    cfg = {"in_channels": ctx.fact(block, "in_channels", c), "spatial_size": tuple(size),
-           "use_spatial": ctx.fact(block, "use_spatial", spatial),
-           "use_channel": ctx.fact(block, "use_channel", channel),
-           "cha_ratio": ctx.ratio(block, "cha_ratio", [(c, ci)]),
-           "spa_ratio": ctx.ratio(block, "spa_ratio", [(n, ni)]),
-           "down_ratio": ctx.ratio(block, "down_ratio", down)}
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", c),
+        "spatial_size": tuple(size),
+        "use_spatial": ctx.fact(block, "use_spatial", spatial),
+        "use_channel": ctx.fact(block, "use_channel", channel),
+        "cha_ratio": ctx.ratio(block, "cha_ratio", [(c, ci)]),
+        "spa_ratio": ctx.ratio(block, "spa_ratio", [(n, ni)]),
+        "down_ratio": ctx.ratio(block, "down_ratio", down),
+    }
     res = _Import(block, cfg)
     _map(ctx, res, _under(s, p, _RGA), lambda rest: rest)
     return res
@@ -442,26 +508,34 @@ YOLOX_BN = {"bn_eps": 1e-3, "conv_block_bn_eps": 1e-3, "bn_momentum": 0.03}
 
 def _cfpnet(ctx: _Ctx, prefix, yolox_bn: bool = True):
     s = ctx.state
-    p = _choose(ctx, _prefixes(s, "lvc.LVC.3.codewords", ("cnv1.weight",)), prefix,
-                "CFPNet EVCBlock (keys lvc.LVC.3.codewords and cnv1.weight)")
+    p = _choose(
+        ctx,
+        _prefixes(s, "lvc.LVC.3.codewords", ("cnv1.weight",)),
+        prefix,
+        "CFPNet EVCBlock (keys lvc.LVC.3.codewords and cnv1.weight)",
+    )
     block = "ExplicitVisualCenter"
     c = int(np.shape(s[p + "cnv1.weight"])[0])
     fc1 = p + "l_MLP.mlp.fc1.weight"
     hidden = int(np.shape(s[fc1])[0]) if fc1 in s else 4 * c
     if hidden % c:
         ctx.fail([f"{fc1!r} has {hidden} outputs, not a multiple of in_channels={c}"])
-    cfg = {"in_channels": ctx.fact(block, "in_channels", c),
-           "num_codes": ctx.fact(block, "num_codes", int(np.shape(s[p + "lvc.LVC.3.codewords"])[0])),
-           "mlp_ratio": ctx.fact(block, "mlp_ratio", hidden // c)}
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", c),
+        "num_codes": ctx.fact(block, "num_codes", int(np.shape(s[p + "lvc.LVC.3.codewords"])[0])),
+        "mlp_ratio": ctx.fact(block, "mlp_ratio", hidden // c),
+    }
     if yolox_bn:
         cfg.update(YOLOX_BN)
     res = _Import(block, cfg)
     if yolox_bn:
-        res.notes.append("BatchNorm conventions of a CFPNet (YOLOX) model, not stored in the weights: init_yolo "
-                         "sets every BatchNorm2d to eps=1e-3, momentum=0.03, so bn_eps=conv_block_bn_eps=1e-3, "
-                         "bn_momentum=0.03; the encoding's BatchNorm1d (lvc.LVC.4) keeps torch's eps=1e-5, "
-                         "momentum=0.1 (encoding_bn_eps, encoding_bn_momentum). Pass "
-                         "yolox_bn=False for a standalone EVCBlock (eps 1e-5, ConvBlock 1e-6)")
+        res.notes.append(
+            "BatchNorm conventions of a CFPNet (YOLOX) model, not stored in the weights: init_yolo "
+            "sets every BatchNorm2d to eps=1e-3, momentum=0.03, so bn_eps=conv_block_bn_eps=1e-3, "
+            "bn_momentum=0.03; the encoding's BatchNorm1d (lvc.LVC.4) keeps torch's eps=1e-5, "
+            "momentum=0.1 (encoding_bn_eps, encoding_bn_momentum). Pass "
+            "yolox_bn=False for a standalone EVCBlock (eps 1e-5, ConvBlock 1e-6)"
+        )
 
     def drop(rest):
         if rest.startswith("l_MLP.linear."):
@@ -474,8 +548,16 @@ def _cfpnet(ctx: _Ctx, prefix, yolox_bn: bool = True):
     return res
 
 
-SOURCES: dict[str, Callable] = {"alexhex7": _alexhex7, "caffe2": _caffe2, "timm": _timm, "danet": _danet,
-                                "sagan": _sagan, "ccnet": _ccnet, "rga": _rga, "cfpnet": _cfpnet}
+SOURCES: dict[str, Callable] = {
+    "alexhex7": _alexhex7,
+    "caffe2": _caffe2,
+    "timm": _timm,
+    "danet": _danet,
+    "sagan": _sagan,
+    "ccnet": _ccnet,
+    "rga": _rga,
+    "cfpnet": _cfpnet,
+}
 #: importer options that are not block config fields
 _OPTIONS = {"caffe2": ("use_scale",), "timm": ("use_scale",), "cfpnet": ("yolox_bn",)}
 
@@ -515,9 +597,10 @@ def from_checkpoint(state_dict_or_path, source: str, *, prefix: str | None = Non
         check_weights(cfg.block, cfg.schema(), res.weights)
     except WeightError as e:
         raise WeightError(f"{cfg.block} ({ctx.where})", [_annotate(msg, res.mapped) for msg in e.problems]) from None
-    weights = {n: res.weights[n] for n in tensors(cfg.schema())}    # schema order
-    return Checkpoint(cfg.block, cfg.to_dict(), weights, source=key, mapped=res.mapped,
-                      dropped=res.dropped, notes=res.notes)
+    weights = {n: res.weights[n] for n in tensors(cfg.schema())}  # schema order
+    return Checkpoint(
+        cfg.block, cfg.to_dict(), weights, source=key, mapped=res.mapped, dropped=res.dropped, notes=res.notes
+    )
 
 
 def _annotate(message: str, mapped: dict) -> str:

@@ -32,16 +32,19 @@ def _allowed() -> dict[tuple[str, str], Any]:
 
     import numpy as np
 
-    core = getattr(np, "_core", None) or np.core   # numpy >= 2 renamed numpy.core to numpy._core
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core to numpy._core
     reconstruct, scalar = core.multiarray._reconstruct, core.multiarray.scalar
     frombuffer = core.numeric._frombuffer
-    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-             ("_codecs", "encode"): _latin1_encode,           # bytes pickled by Python 3, protocol 2
-             ("collections", "OrderedDict"): collections.OrderedDict}
-    for mod in ("numpy.core", "numpy._core"):                 # files from numpy 1.x and 2.x
+    table = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,  # bytes pickled by Python 3, protocol 2
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+    for mod in ("numpy.core", "numpy._core"):  # files from numpy 1.x and 2.x
         table[(f"{mod}.multiarray", "_reconstruct")] = reconstruct
         table[(f"{mod}.multiarray", "scalar")] = scalar
-        table[(f"{mod}.numeric", "_frombuffer")] = frombuffer   # protocol 5
+        table[(f"{mod}.numeric", "_frombuffer")] = frombuffer  # protocol 5
     return table
 
 
@@ -59,9 +62,11 @@ class SafeUnpickler(pickle.Unpickler):
             return self._table[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                self._path, f"refused to unpickle global {module}.{name}: only NumPy arrays and plain "
+                self._path,
+                f"refused to unpickle global {module}.{name}: only NumPy arrays and plain "
                 "containers are allowed (an arbitrary global could run code). Convert the checkpoint "
-                "to .safetensors or .npz with trusted code.") from None
+                "to .safetensors or .npz with trusted code.",
+            ) from None
 
     def persistent_load(self, pid):
         raise UnsafePickleError(self._path, "refused persistent id in pickle (not a plain NumPy pickle)")
@@ -73,5 +78,5 @@ def safe_load_pickle(data: bytes, path: str = "<pickle>") -> Any:
         return SafeUnpickler(io.BytesIO(data), path=path).load()
     except WeightFileError:
         raise
-    except Exception as e:   # truncated or corrupt: EOFError, UnpicklingError, ValueError, ...
+    except Exception as e:  # truncated or corrupt: EOFError, UnpicklingError, ValueError, ...
         raise WeightFileError(path, f"not a readable pickle ({type(e).__name__}: {e})") from None
