@@ -46,11 +46,21 @@ class TorchDriver:
         self.torch.manual_seed(0)
         return self.module.BLOCKS[block](**config, **kw).eval()
 
-    def run(self, block, x, return_attention=False, training=False):
+    def loaded(self, block, config, weights, dtype="float32", **kw):
+        """A block holding ``weights``, in ``dtype``, eval mode (no random init needed)."""
+        m = self.make(block, config, **kw)
+        self.module.load_weights(m, weights)
+        return m.to(getattr(self.torch, dtype))
+
+    def run(self, block, x, return_attention=False, training=False, dtype=None):
+        """Channels-first NumPy in, float64 channels-first NumPy out; ``dtype`` casts the input."""
         block.train(training)
+        x = self.torch.from_numpy(np.asarray(x))
+        if dtype is not None:
+            x = x.to(getattr(self.torch, dtype))
         try:
             with self.torch.no_grad():
-                out = block(self.torch.from_numpy(np.asarray(x)), **_attention(return_attention))
+                out = block(x, **_attention(return_attention))
         finally:
             block.eval()
         if return_attention:
@@ -86,8 +96,14 @@ class KerasDriver:
         layer.build(to_last(np.zeros(shape)).shape if shape else None)
         return layer
 
-    def run(self, block, x, return_attention=False, training=False):
-        out = block(self.native_input(x), training=training, **_attention(return_attention))
+    def loaded(self, block, config, weights, dtype="float32", **kw):
+        layer = self.make(block, config, dtype=dtype, **kw)
+        self.module.load_weights(layer, weights)
+        return layer
+
+    def run(self, block, x, return_attention=False, training=False, dtype=None):
+        x = self.native_input(x) if dtype is None else self.keras.ops.cast(self.native_input(x), dtype)
+        out = block(x, training=training, **_attention(return_attention))
         if return_attention:
             return to_first(self.keras.ops.convert_to_numpy(out[0])), np.asarray(
                 self.keras.ops.convert_to_numpy(out[1]), np.float64
@@ -133,10 +149,23 @@ class FlaxDriver:
         m.eval()
         return m
 
-    def run(self, block, x, return_attention=False, training=False):
+    def loaded(self, block, config, weights, dtype="float32", **kw):
+        """Built under ``nnx.eval_shape`` (no random-init compiles), then given ``weights``."""
+        nnx, jnp = self.nnx, self.jax.numpy
+        cls = self.module.BLOCKS[block]
+        m = nnx.eval_shape(lambda: cls(**config, **kw, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        nnx.update(m, self.jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(m)))
+        self.module.load_weights(m, weights)
+        m.eval()
+        return m
+
+    def run(self, block, x, return_attention=False, training=False, dtype=None):
         block.train() if training else block.eval()
+        x = self.native_input(x)
+        if dtype is not None:
+            x = self.jax.numpy.asarray(x, dtype)
         try:
-            out = block(self.native_input(x), **_attention(return_attention))
+            out = block(x, **_attention(return_attention))
         finally:
             block.eval()
         if return_attention:

@@ -346,3 +346,90 @@ def test_two_threads_loading_into_one_block_leave_one_weight_set(fw, monkeypatch
             t.join()
         got = fw.module.export_weights(m)
         assert any(all(np.array_equal(got[k], w[k]) for k in w) for w in sets), "a mixture of both"
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile inputs: empty batches, NaN, half precision
+# ---------------------------------------------------------------------------------------------
+
+
+def _input(case, rng, batch=None):
+    shape = case.shape if batch is None else (batch, *case.shape[1:])
+    if case.block == "NonLocalMeans":  # an image in [0, 1]
+        return rng.uniform(0, 1, shape)
+    return rng.normal(size=shape)
+
+
+@pytest.mark.parametrize("block", list(ONE_CASE_PER_BLOCK))
+def test_batch_zero_gives_an_empty_output(fw, block):
+    """As torch and Keras convolutions do: (0, C, *S) in, (0, C, *S) out, and an empty map."""
+    case = ONE_CASE_PER_BLOCK[block]
+    m = fw.loaded(block, case.config, _random(case.spec, 0))
+    x = np.zeros((0, *case.shape[1:]), np.float32)
+    assert fw.run(m, x).shape == x.shape
+    if case.has_attention:
+        out, attn = fw.run(m, x, return_attention=True)
+        assert out.shape == x.shape and attn.shape[0] == 0
+        full = fw.run(m, _input(case, np.random.default_rng(0)).astype(np.float32), return_attention=True)[1]
+        assert attn.shape[1:] == full.shape[1:]
+
+
+#: one case per block family and fast path: where NaN could take another route than in the reference
+NAN_CASES = [
+    c
+    for c in CASES
+    if c.id
+    in (
+        "nl2d-embedded", "nl2d-embedded-heads", "nl2d-gaussian", "nl2d-dot", "nl2d-concat",
+        "nl2d-sharedqk", "nl3d-dot-poolfirst", "sagan", "pam", "cam", "rcca", "rga-sc", "evc",
+        "nlmeans-color-sigma", "scale",
+    )
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("implementation", ["auto", "naive"])
+@pytest.mark.parametrize("case", NAN_CASES, ids=[c.id for c in NAN_CASES])
+def test_nan_propagates_as_in_the_reference(fw, case, implementation):
+    """The rule (docs/design.md §4): a NaN in the input makes exactly the outputs NaN that it makes
+    NaN in the float64 reference, on every path."""
+    w = _random(case.spec, case.seed)
+    m = fw.loaded(case.block, case.config, w, implementation=implementation)
+    x = _input(case, np.random.default_rng(case.seed))
+    x[(0, 0, *(s // 2 for s in case.shape[2:]))] = np.nan
+    want = np.isnan(reference(case.block, x, w, case.config))
+    got = np.isnan(fw.run(m, x.astype(np.float32)))
+    assert want.any() and not want.all()
+    assert np.array_equal(got, want), f"{got.sum()} NaN outputs, the reference has {want.sum()}"
+
+
+HALF_PRECISION = [
+    ("NonLocalBlock2D", dict(in_channels=8, sub_sample=False)),
+    ("NonLocalBlock2D", dict(in_channels=8, sub_sample=False, mode="gaussian")),
+    ("NonLocalBlock2D", dict(in_channels=8, sub_sample=False, mode="dot_product")),
+    ("NonLocalBlock2D", dict(in_channels=8, sub_sample=False, mode="concatenation")),
+    ("SelfAttention", dict(in_channels=8, qk_ratio=2)),
+    ("PositionAttention", dict(in_channels=8, qk_ratio=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("implementation", ["auto", "naive"])
+@pytest.mark.parametrize("block, config", HALF_PRECISION, ids=[f"{b}-{c.get('mode', '')}" for b, c in HALF_PRECISION])
+def test_half_precision_stays_finite_where_float32_does(fw, block, config, implementation, dtype):
+    """Large inputs of one sign, whose energies (|θ·φ| > 65504) and sums over the 256 keys overflow
+    float16, while every activation the block stores and its output fit it: finite in half
+    precision on every path (the values are small, and dot_product's θ too, so that A v is)."""
+    spec = nlattn.make_config(block, **config)
+    w = _random(spec, 0)
+    small = (
+        ("W.", "value_conv", "g.", "theta.")
+        if spec.block.startswith("NonLocal") and spec.mode == "dot_product"
+        else ("W.", "value_conv", "g.")
+    )
+    w.update({k: v * (1e-3 if k.startswith("theta.") else 0.1) for k, v in w.items() if k.startswith(small)})
+    x = 150 + 50 * np.random.default_rng(1).normal(size=(1, 8, 16, 16))
+    want = reference(block, x, w, config)
+    assert np.isfinite(want).all() and np.abs(want).max() < 4096  # what float16 can hold, with room
+    m = fw.loaded(block, config, w, dtype=dtype, implementation=implementation)
+    got = fw.run(m, x.astype(np.float32), dtype=dtype)
+    assert np.isfinite(got).all(), f"{(~np.isfinite(got)).sum()} non-finite outputs"

@@ -84,11 +84,14 @@ BUILTIN = {
     "numpy": "nlattn.conformance.adapter:ReferenceAdapter",
     "torch": "nlattn.torch.conformance:TorchAdapter",
     "torch-naive": "nlattn.torch.conformance:TorchNaiveAdapter",
+    "torch-autocast": "nlattn.torch.conformance:TorchAutocastAdapter",
     "keras": "nlattn.tf.conformance:KerasAdapter",
     "keras-cf": "nlattn.tf.conformance:KerasChannelsFirstAdapter",
     "keras-naive": "nlattn.tf.conformance:KerasNaiveAdapter",
+    "keras-mixed": "nlattn.tf.conformance:KerasMixedAdapter",
     "flax": "nlattn.jax.conformance:FlaxAdapter",
     "flax-naive": "nlattn.jax.conformance:FlaxNaiveAdapter",
+    "flax-mixed": "nlattn.jax.conformance:FlaxMixedAdapter",
 }
 
 

@@ -65,6 +65,8 @@ CASES: tuple[Case, ...] = (
     case("nl2d-gaussian", NL2, (2, 8, 5, 7), in_channels=8, mode="gaussian"),
     case("nl2d-gaussian-heads-nosub", NL2, (2, 8, 3, 5), in_channels=8, mode="gaussian", num_heads=4, sub_sample=False),
     case("nl2d-dot", NL2, (2, 8, 5, 7), in_channels=8, mode="dot_product"),
+    # the Keras fast path once dropped dot_product's scale: no case set it (found in nlattn 0.2)
+    case("nl2d-dot-scaled", NL2, (2, 8, 5, 7), in_channels=8, mode="dot_product", scale=0.3),
     case(
         "nl2d-dot-heads-poolfirst", NL2, (2, 8, 4, 5), in_channels=8, mode="dot_product", num_heads=2, pool_first=True
     ),

@@ -38,6 +38,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in REDUCED else dtype
 
 
+def without_autocast(device: torch.device):
+    """Autocast switched off, so that what is cast to ``work_dtype`` is computed in it: under
+    ``torch.autocast`` a float32 matmul would run in the autocast dtype again (CAM's C×C energies
+    in bfloat16 were 0.046 off the reference)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class Block(nn.Module):
     """Base of every nlattn torch block: ``self.spec`` holds the validated config.
 

@@ -6,7 +6,7 @@ import torch
 
 from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
 from . import kernels
-from ._base import Block, work_dtype
+from ._base import Block, without_autocast, work_dtype
 
 
 class _QKV(Block):
@@ -76,9 +76,10 @@ class ChannelAttention(Block):
     def forward(self, x, return_attention: bool = False):
         self.check_input(x)
         xf = x.flatten(2)  # (B, C, N)
-        wide = xf.to(work_dtype(x.dtype))  # the energies feed a softmax: no bf16 rounding
-        energy = wide @ wide.transpose(1, 2)
-        attn = torch.softmax(energy.amax(-1, keepdim=True) - energy, dim=-1).to(x.dtype)
+        with without_autocast(x.device):  # the energies feed a softmax: no half-precision rounding
+            wide = xf.to(work_dtype(x.dtype))
+            energy = wide @ wide.transpose(1, 2)
+            attn = torch.softmax(energy.amax(-1, keepdim=True) - energy, dim=-1).to(x.dtype)
         y = self.gamma * (attn @ xf).reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
@@ -99,10 +100,11 @@ class CrissCrossAttention(_QKV):
         itself = torch.eye(h, dtype=torch.bool, device=x.device)[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
-            e_col = torch.einsum("bchw,bcgw->bhwg", q, k).to(work_dtype(x.dtype))
-            e_col = e_col.masked_fill(itself, float("-inf"))
-            e_row = torch.einsum("bchw,bchv->bhwv", q, k).to(e_col.dtype)
-            attn = torch.softmax(torch.cat([e_col, e_row], -1), dim=-1).to(x.dtype)
+            with without_autocast(x.device):
+                qw, kw = q.to(work_dtype(q.dtype)), k.to(work_dtype(k.dtype))
+                e_col = torch.einsum("bchw,bcgw->bhwg", qw, kw).masked_fill(itself, float("-inf"))
+                e_row = torch.einsum("bchw,bchv->bhwv", qw, kw)
+                attn = torch.softmax(torch.cat([e_col, e_row], -1), dim=-1).to(v.dtype)
             out = torch.einsum("bhwg,bcgw->bchw", attn[..., :h], v) + torch.einsum("bhwv,bchv->bchw", attn[..., h:], v)
             x = self.gamma * out + x
         return (x, attn) if return_attention else x

@@ -1,5 +1,6 @@
-"""``TorchAdapter`` (fast paths, ``implementation="auto"``) and ``TorchNaiveAdapter`` (the
-materialising paths): nlattn.torch under the conformance suite (float32, float64, bfloat16; autograd)."""
+"""``TorchAdapter`` (fast paths, ``implementation="auto"``; float32, float64, bfloat16, float16),
+``TorchNaiveAdapter`` (the materialising paths) and ``TorchAutocastAdapter`` (float32 blocks under
+``torch.autocast``): nlattn.torch under the conformance suite, gradients by autograd."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..conformance.adapter import Adapter
 from . import BLOCKS
 from ._weights import ACCESS, load_weights
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -25,7 +26,7 @@ class TorchAdapter(Adapter):
     """Blocks built with ``implementation="auto"``: the fast paths (SDPA, re-association, sorting)."""
 
     name = "torch"
-    dtypes = ("float32", "float64", "bfloat16")
+    dtypes = ("float32", "float64", "bfloat16", "float16")
     unbiased_running_var = True
     supports_gradients = True
     implementation = "auto"
@@ -74,6 +75,25 @@ class TorchNaiveAdapter(TorchAdapter):
 
     name = "torch-naive"
     implementation = "naive"
+
+
+class TorchAutocastAdapter(TorchAdapter):
+    """Float32 blocks run under ``torch.autocast("cpu", dtype)``, as mixed-precision training runs
+    them: the dtypes are the autocast dtypes; the parameters stay float32."""
+
+    name = "torch-autocast"
+    dtypes = ("bfloat16", "float16")
+
+    def build(self, block, config, dtype):
+        module = BLOCKS[block](**config, implementation=self.implementation)
+        return Built(module.eval(), DTYPES[dtype])
+
+    def _input(self, built, x):
+        return torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+    def forward(self, built, x, *, training=False, return_attention=False):
+        with torch.autocast(device_type="cpu", dtype=built.dtype):
+            return super().forward(built, x, training=training, return_attention=return_attention)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

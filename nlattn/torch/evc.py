@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..specs import ExplicitVisualCenterConfig
-from ._base import REDUCED, Block, work_dtype
+from ._base import REDUCED, Block, without_autocast, work_dtype
 
 
 class _Encoding(nn.Module):
@@ -38,13 +38,14 @@ class _Encoding(nn.Module):
     def forward(self, x):
         """x (B, C, H, W) -> (encoded (B, K, C), assignment (B, N, K))."""
         dtype = x.dtype
-        pos = x.flatten(2).transpose(1, 2).to(work_dtype(dtype))  # (B, N, C)
-        d = self.codewords.to(pos.dtype)
-        # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
-        dist = (pos * pos).sum(-1, keepdim=True) - 2 * pos @ d.T + (d * d).sum(-1)
-        assign = torch.softmax(self.scale.to(pos.dtype) * dist, dim=-1)  # (B, N, K)
-        # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k
-        encoded = assign.transpose(1, 2) @ pos - assign.sum(1)[..., None] * d
+        with without_autocast(x.device):
+            pos = x.flatten(2).transpose(1, 2).to(work_dtype(dtype))  # (B, N, C)
+            d = self.codewords.to(pos.dtype)
+            # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
+            dist = (pos * pos).sum(-1, keepdim=True) - 2 * pos @ d.T + (d * d).sum(-1)
+            assign = torch.softmax(self.scale.to(pos.dtype) * dist, dim=-1)  # (B, N, K)
+            # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k
+            encoded = assign.transpose(1, 2) @ pos - assign.sum(1)[..., None] * d
         return encoded.to(dtype), assign.to(dtype)
 
 

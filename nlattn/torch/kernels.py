@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import work_dtype
+from ._base import without_autocast, work_dtype
 
 
 def softmax(e: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -24,7 +24,8 @@ def energies(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q kᵀ (B, h, N, M) in float32 (or wider): half-precision energies overflow (|e| > 65504
     in float16) and round coarsely (bfloat16) before the softmax sees them."""
     wide = work_dtype(q.dtype)
-    return q.to(wide) @ k.to(wide).transpose(-1, -2)
+    with without_autocast(q.device):
+        return q.to(wide) @ k.to(wide).transpose(-1, -2)
 
 
 def softmax_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
@@ -50,8 +51,9 @@ def dot_product_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
     back, so half precision overflows only where the result itself does."""
     factor = (1.0 if scale is None else float(scale)) / k.shape[-2]
     wide = work_dtype(q.dtype)
-    kv = (k.to(wide).transpose(-1, -2) @ v.to(wide)) * factor
-    return (q.to(wide) @ kv).to(q.dtype)
+    with without_autocast(q.device):
+        kv = (k.to(wide).transpose(-1, -2) @ v.to(wide)) * factor
+        return (q.to(wide) @ kv).to(q.dtype)
 
 
 def concatenation_attention(a, b, v) -> torch.Tensor:

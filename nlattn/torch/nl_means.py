@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
-from ._base import Block, work_dtype
+from ._base import Block, without_autocast, work_dtype
 
 
 def fast_exp(y: torch.Tensor) -> torch.Tensor:
@@ -51,14 +51,17 @@ class NonLocalMeans(Block):
     def forward(self, x):
         """x (B, C, H, W) -> the filtered image (B, C, H, W), same dtype."""
         self.check_input(x)
-        xw = x.to(work_dtype(x.dtype))
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return self._filter(xw, fast_exp).to(x.dtype)
-        # straight-through: the value of the bit trick, the derivatives of its envelope
+        with without_autocast(x.device):
+            return self._straight_through(x.to(work_dtype(x.dtype))).to(x.dtype)
+
+    def _straight_through(self, xw):
+        """The filter of xw in its dtype: the bit trick's value, the envelope's derivatives."""
+        if not (torch.is_grad_enabled() and xw.requires_grad):
+            return self._filter(xw, fast_exp)
         with torch.no_grad():
             out = self._filter(xw, fast_exp)
         envelope = self._filter(xw, fast_exp_envelope)
-        return (out + (envelope - envelope.detach())).to(x.dtype)
+        return out + (envelope - envelope.detach())
 
     def _filter(self, xw, exp):
         """The filter on xw (B, C, H, W) with ``exp`` as the weight function of −max(0, D)."""

@@ -54,7 +54,7 @@ class _NonLocal(Block):
     def residual(self, x, y):
         """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, Cv, *S) for W."""
         b, _, *spatial = x.shape
-        z = self.W(y.transpose(-1, -2).reshape(b, -1, *spatial))
+        z = self.W(y.transpose(-1, -2).reshape(b, y.shape[1] * y.shape[3], *spatial))
         if self.spec.bn_layer:
             z = self.bn(z)
         return z + x
@@ -86,7 +86,7 @@ class _NonLocal(Block):
     def split_heads(self, t):
         """(B, C, *S) -> (B, h, positions, C / h)."""
         h = self.spec.num_heads
-        return t.reshape(t.shape[0], h, t.shape[1] // h, -1).transpose(-1, -2)
+        return t.flatten(2).unflatten(1, (h, t.shape[1] // h)).transpose(-1, -2)
 
     def relation(self, theta, phi):
         """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""

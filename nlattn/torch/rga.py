@@ -55,8 +55,8 @@ class RelationAwareAttention(Block):
         n = h * w
         relations = []
         if cfg.use_spatial:
-            theta = self.theta_spatial(x).reshape(b, -1, n)
-            phi = self.phi_spatial(x).reshape(b, -1, n)
+            theta = self.theta_spatial(x).flatten(2)  # (B, Ci, N)
+            phi = self.phi_spatial(x).flatten(2)
             rel = torch.einsum("bcn,bcm->bnm", theta, phi)  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
             joint = torch.cat([rel.transpose(1, 2).reshape(b, n, h, w), rel.reshape(b, n, h, w)], 1)
