@@ -8,11 +8,11 @@ local search: ``python -m pytest tests/test_properties.py --hypothesis-profile t
 from __future__ import annotations
 
 import numpy as np
-from conftest import FRAMEWORKS, driver
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import nlattn
+from conftest import FRAMEWORKS, driver
 from nlattn import ConfigError, InputError
 from nlattn.conformance.runner import TOLERANCE, error
 from nlattn.numpy_ref import run as reference
