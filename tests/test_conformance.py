@@ -1,6 +1,8 @@
 """The conformance harness: catalogue coverage, golden vectors, runner, CLI, import isolation."""
 
 import dataclasses
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -107,6 +109,20 @@ def test_corrupted_golden_file_is_refused(golden_copy):
         text=True,
     )
     assert proc.returncode == 3 and "corrupted" in proc.stderr
+
+
+def test_unreadable_golden_file_with_a_matching_hash_is_refused(golden_copy):
+    """A manifest rewritten over a broken file: the hash matches, the file still cannot be used."""
+    path = golden_copy / "cam.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    manifest = json.loads((golden_copy / "MANIFEST.json").read_text())
+    manifest["files"][path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (golden_copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(GoldenError, match="not a readable safetensors file"):
+        load_golden(next(c for c in CASES if c.id == "cam"), golden_copy)
+    args = ["conformance", "--framework", "numpy", "--golden", str(golden_copy), "--case", "cam", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "nlattn.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def test_missing_golden_file_is_refused(golden_copy):

@@ -159,14 +159,20 @@ def load(case: Case, directory: Path = GOLDEN_DIR) -> Golden:
         raise GoldenError(f"golden file {path} is missing")
     if _sha256(path) != expected_hash:
         raise GoldenError(f"golden file {path} is corrupted: its SHA-256 differs from MANIFEST.json")
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata() or {}
-        if (meta.get("case"), meta.get("config"), meta.get("layout")) != (case.id, case.config_json, LAYOUT_VERSION):
-            raise GoldenError(
-                f"golden file {path} was written for another case, config or layout "
-                f"({meta.get('case')}, {meta.get('config')}); regenerate with `nlattn golden`"
-            )
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a hash that matches a broken file: the manifest was rewritten with it
+        raise GoldenError(f"golden file {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if (meta.get("case"), meta.get("config"), meta.get("layout")) != (case.id, case.config_json, LAYOUT_VERSION):
+        raise GoldenError(
+            f"golden file {path} was written for another case, config or layout "
+            f"({meta.get('case')}, {meta.get('config')}); regenerate with `nlattn golden`"
+        )
+    missing = sorted({"input", "output"} - set(t))
+    if missing:
+        raise GoldenError(f"golden file {path} lacks {missing}; regenerate with `nlattn golden`")
 
     def group(prefix):
         return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
