@@ -181,8 +181,12 @@ class PeakRSS:
 # --- one measurement (runs in a child process) ---------------------------------------------------
 
 
-def _build(framework, block, c, size, impl, w):
-    """(call, to_numpy): call() runs the block once on a fixed input and returns when it is done."""
+def _build(framework, block, c, size, impl, w, train=False):
+    """(call, to_numpy): call() runs the block once on a fixed input and returns when it is done.
+
+    ``train``: a training step instead, train mode (batch statistics) and the gradients of
+    sum(output) with respect to the input and every parameter; call() returns the input's.
+    """
     import nlattn
 
     cls, kw = BLOCKS[block]
@@ -192,13 +196,18 @@ def _build(framework, block, c, size, impl, w):
 
         from nlattn import torch as ntorch
 
-        model = getattr(ntorch, cls)(c, **kw, implementation=impl).eval()
+        model = getattr(ntorch, cls)(c, **kw, implementation=impl).train(train)
         nlattn.load_weights(model, w)
         xt = torch.from_numpy(x)
 
         def call():
-            with torch.inference_mode():
-                return model(xt)
+            if not train:
+                with torch.inference_mode():
+                    return model(xt)
+            model.zero_grad(set_to_none=True)
+            xg = xt.clone().requires_grad_(True)
+            model(xg).sum().backward()
+            return xg.grad
 
         return call, lambda y: y.numpy()
     x = np.ascontiguousarray(np.moveaxis(x, 1, -1))  # Keras and Flax blocks are channels-last here
@@ -210,7 +219,16 @@ def _build(framework, block, c, size, impl, w):
         model = getattr(nkeras, cls)(c, **kw, implementation=impl)
         nlattn.load_weights(model, w)
         xt = tf.constant(x)
-        fn = tf.function(lambda t: model(t, training=False), jit_compile=True)
+
+        def step(t):
+            if not train:
+                return model(t, training=False)
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                loss = tf.reduce_sum(model(t, training=True))
+            return tape.gradient(loss, [t, *model.trainable_variables])[0]
+
+        fn = tf.function(step, jit_compile=True)
         return (lambda: fn(xt)), lambda y: y.numpy()  # eager TF returns after the call has run
     import jax
     from flax import nnx
@@ -218,9 +236,13 @@ def _build(framework, block, c, size, impl, w):
     from nlattn import jax as nflax
 
     model = getattr(nflax, cls)(c, **kw, implementation=impl, rngs=nnx.Rngs(0))
-    model.eval()
+    model.train() if train else model.eval()
     nlattn.load_weights(model, w)
-    fn = nnx.jit(lambda mod, t: mod(t))
+    if train:
+        grad = nnx.grad(lambda mod, t: mod(t).sum(), argnums=(0, 1))
+        fn = nnx.jit(lambda mod, t: grad(mod, t)[1])
+    else:
+        fn = nnx.jit(lambda mod, t: mod(t))
     xt = jax.device_put(x)  # a device array, not a host copy per call
     return (lambda: fn(model, xt).block_until_ready()), np.asarray
 
@@ -238,7 +260,8 @@ def measure(job):
     # random weights: the identity-at-init blocks would make the fast/naive comparison trivial
     weights = random_weights(nlattn.make_config(cls, in_channels=c, **kw).schema(), np.random.default_rng(0))
     weights = {k: v.astype(np.float32) for k, v in weights.items()}
-    call, to_numpy = _build(framework, job["block"], c, size, job["impl"], weights)
+    train = job.get("train", False)
+    call, to_numpy = _build(framework, job["block"], c, size, job["impl"], weights, train)
     y = call()  # warm-up / compilation
     del y
     gc.collect()
@@ -254,7 +277,7 @@ def measure(job):
     if job.get("check"):
         try:
             out = to_numpy(y)
-            naive_call, _ = _build(framework, job["block"], c, size, "naive", weights)
+            naive_call, _ = _build(framework, job["block"], c, size, "naive", weights, train)
             ref = to_numpy(naive_call())
             result["err"] = float(np.max(np.abs(out - ref)) / max(1.0, float(np.max(np.abs(ref)))))
         except Exception as e:  # keep the fast measurement
@@ -282,11 +305,12 @@ def _measure_matmul(framework, repeat):
         call = lambda: fn(at).block_until_ready()  # noqa: E731
     call()
     times = []
-    for _ in range(max(repeat, 5)):
+    for _ in range(max(repeat, 7)):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
-    return {"gflops": 2 * MATMUL_N**3 / statistics.median(times) / 1e9}
+    # the best of several: the peak is what the machine can do, a slow outlier is something else
+    return {"gflops": 2 * MATMUL_N**3 / min(times) / 1e9}
 
 
 def child_main(job_json):
@@ -356,7 +380,7 @@ def _error(result):
     return "error: " + (text if len(text) <= 120 else text[:117] + "...")
 
 
-def table_rows(framework, rows, peak):
+def table_rows(framework, rows, peak, train=False):
     lines = [
         "| block | size | naive ms | fast ms | time fast/naive | naive peak MiB | fast peak MiB | "
         "memory fast/naive | fast GFLOP/s (% of peak) | max rel. diff fast vs naive |",
@@ -378,7 +402,8 @@ def table_rows(framework, rows, peak):
         mem = fast["peak_mib"] / naive["peak_mib"] if both and naive["peak_mib"] > 0 else None
         cells.append(_cell(mem, ".3f"))
         if fast_ms is not None:
-            gflops = FLOPS[block](size, size, c) / (fast_ms / 1e3) / 1e9
+            # a training step: the backward of each product is two products of its size
+            gflops = (3 if train else 1) * FLOPS[block](size, size, c) / (fast_ms / 1e3) / 1e9
             cells.append(f"{gflops:.1f} ({100 * gflops / peak:.0f}%)" if peak else f"{gflops:.1f}")
         else:
             cells.append("–")
@@ -409,6 +434,9 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=None, help="C (default 256)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
     p.add_argument("--quick", action="store_true", help="smoke test: sizes 16 32, C = 64")
+    p.add_argument(
+        "--train", action="store_true", help="a training step: train mode, gradients of sum(out) w.r.t. input and parameters"
+    )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -439,13 +467,16 @@ def main(argv=None):
                 "impl": impl,
                 "repeat": args.repeat,
                 "check": check,
+                "train": args.train,
             }
             results[fw, block, size, impl] = run_child(job)
         progress.step(f"{fw} {block} {size or ''} {impl or ''}")
 
     command = " ".join(sys.argv[1:] if argv is None else argv)
     out = [
-        f"nlattn benchmarks — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, median of {args.repeat}",
+        f"nlattn benchmarks — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, "
+        f"{'training step (forward + backward, train mode)' if args.train else 'forward, eval mode'}, "
+        f"median of {args.repeat}",
         f"command: python benchmarks/bench.py {command}".rstrip(),
     ]
     for fw in frameworks:
@@ -460,7 +491,7 @@ def main(argv=None):
             "",
         ]
         rows = [(b, s, c, results[fw, b, s, "naive"], results[fw, b, s, "auto"]) for b in args.block for s in sizes]
-        out += table_rows(fw, rows, peak)
+        out += table_rows(fw, rows, peak, args.train)
     text = "\n".join(out) + "\n"
     sys.stdout.write(text)
     if args.out:

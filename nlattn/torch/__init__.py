@@ -14,6 +14,7 @@ from ..specs import CONFIGS
 from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .evc import ExplicitVisualCenter
 from .nl_means import NonLocalMeans
 from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
@@ -23,4 +24,13 @@ from .scale import Scale
 #: block class name -> torch class, for every block of the spec
 BLOCKS: dict[str, type[Block]] = {name: globals()[name] for name in CONFIGS}
 
-__all__ = ["BLOCKS", "Block", *BLOCKS, "blocks", "export_weights", "load_weights"]
+__all__ = [
+    "BLOCKS",
+    "Block",
+    *BLOCKS,
+    "blocks",
+    "export_weights",
+    "load_weights",
+    "convert_sync_batchnorm",
+    "SyncBatchNorm",
+]
