@@ -435,7 +435,9 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
     p.add_argument("--quick", action="store_true", help="smoke test: sizes 16 32, C = 64")
     p.add_argument(
-        "--train", action="store_true", help="a training step: train mode, gradients of sum(out) w.r.t. input and parameters"
+        "--train",
+        action="store_true",
+        help="time a training step: train mode, gradients of sum(out) w.r.t. the input and every parameter",
     )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--_one", help=argparse.SUPPRESS)

@@ -26,7 +26,7 @@ class TorchAdapter(Adapter):
     """Blocks built with ``implementation="auto"``: the fast paths (SDPA, re-association, sorting)."""
 
     name = "torch"
-    dtypes = ("float32", "float64", "bfloat16", "float16")
+    dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
     unbiased_running_var = True
     supports_gradients = True
     implementation = "auto"
