@@ -16,6 +16,7 @@ import torch_ddp_worker as worker
 
 import nlattn.torch as nt
 from conftest import ONE_CASE_PER_BLOCK
+from nlattn.numpy_ref import run as reference
 from nlattn.specs import BatchNorm
 
 WORKER = Path(worker.__file__)
@@ -110,3 +111,43 @@ def test_conversion_keeps_names_weights_and_the_eval_path():
     assert list(after) == list(before) and all(np.array_equal(after[k], before[k]) for k in before)
     with torch.no_grad():
         assert torch.equal(block(torch.from_numpy(x)), want)  # eval mode: the running statistics
+
+
+CONTEXT = [
+    ("NonLocalBlock2D", dict(in_channels=8), (2, 8, 8, 5)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", sub_sample=False), (2, 8, 4, 7)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="gaussian", num_heads=2, bn_layer=False), (2, 8, 8, 3)),
+    ("NonLocalBlock1D", dict(in_channels=4, pool_first=True), (2, 4, 16)),
+    ("NonLocalBlock3D", dict(in_channels=4, mode="dot_product"), (2, 4, 4, 4, 5)),
+    ("SelfAttention", dict(in_channels=16), (2, 16, 4, 5)),
+    ("PositionAttention", dict(in_channels=8, qk_ratio=2), (2, 8, 8, 3)),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("block, config, shape", CONTEXT, ids=[f"{b}-{c.get('mode', '')}" for b, c, _ in CONTEXT])
+def test_context_parallel_step_equals_the_single_process_step(block, config, shape, world, tmp_path):
+    """Query positions split over the processes along the first spatial axis (odd other sizes):
+    outputs and input gradients shard by shard, parameter gradients summed over the processes,
+    BatchNorm statistics those of the whole input; the outputs equal the float64 reference."""
+    if shape[2] % (
+        world * (2 if config.get("sub_sample", True) and block.startswith("NonLocal") and len(shape) < 5 else 1)
+    ):
+        pytest.fail("a CONTEXT shape does not split")  # the table is chosen to split for P = 2 and 4
+    problem = dict(block=block, config=config, shape=list(shape), context=True)
+    ranks, whole = run_world(problem, tmp_path, world), single(problem)
+    assert close(np.concatenate([r["out"] for r in ranks], axis=2), whole["out"])
+    assert close(np.concatenate([r["dx"] for r in ranks], axis=2), whole["dx"])
+    for key in [k for k in whole if k.startswith("grad:")]:
+        assert close(sum(r[key] for r in ranks), whole[key]), key
+    for key in [k for k in whole if k.startswith("stat:")]:
+        assert all(close(r[key], whole[key]) for r in ranks), key
+    blk, x, _ = worker.problem(problem)
+    want = reference(block, x.numpy(), nt.export_weights(blk), config, training=True)
+    assert close(whole["out"], want)
+
+
+def test_context_parallel_refuses_uneven_shards(tmp_path):
+    problem = dict(block="NonLocalBlock2D", config=dict(in_channels=4), shape=[1, 4, 6, 5], context=True)
+    with pytest.raises(AssertionError, match="do not split"):
+        run_world(problem, tmp_path, world=2)  # 6 rows: 3 per process, not whole 2-row windows

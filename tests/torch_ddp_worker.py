@@ -1,8 +1,9 @@
-"""One process of tests/test_torch_distributed.py: a data-parallel training step on its share.
+"""One process of tests/test_torch_distributed.py: a training step on its share of the problem.
 
 Run as ``python torch_ddp_worker.py RANK WORLD PORT CASE_JSON OUT_DIR``; it joins a gloo process
-group on 127.0.0.1, takes rows [rank·B/P, (rank+1)·B/P) of the batch, runs one training step and
-writes its outputs, input gradient, parameter gradients and running statistics to OUT_DIR.
+group on 127.0.0.1 and takes either rows [rank·B/P, (rank+1)·B/P) of the batch (data parallel) or,
+with ``"context": true``, its shard of the first spatial axis (context parallel), runs one training
+step and writes its outputs, input gradient, parameter gradients and running statistics to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -73,5 +74,25 @@ def main(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def context_main(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
+    """Context parallelism: the whole batch on every process, the first spatial axis split."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        block, x, cotangent = problem(case)
+        model = nt.context_parallel(block)
+        out, dx, grads, stats = step(model, block, model.shard(x), model.shard(cotangent))
+        np.savez(
+            os.path.join(out_dir, f"rank{rank}.npz"),
+            out=out,
+            dx=dx,
+            **{f"grad:{k}": v for k, v in grads.items()},
+            **{f"stat:{k}": v for k, v in stats.items()},
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5])
+    args = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+    (context_main if args[3].get("context") else main)(*args)

@@ -14,7 +14,7 @@ from ..specs import CONFIGS
 from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
-from .distributed import SyncBatchNorm, convert_sync_batchnorm
+from .distributed import ContextParallel, SyncBatchNorm, context_parallel, convert_sync_batchnorm
 from .evc import ExplicitVisualCenter
 from .nl_means import NonLocalMeans
 from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
@@ -31,6 +31,9 @@ __all__ = [
     "blocks",
     "export_weights",
     "load_weights",
-    "convert_sync_batchnorm",
+    # more than one device (nlattn/torch/distributed.py)
     "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "ContextParallel",
+    "context_parallel",
 ]

@@ -31,14 +31,28 @@ class _SAGAN(_QKV):
     def forward(self, x, return_attention: bool = False):
         """x (B, C, H, W) -> γ·out + x (B, C, H, W) [, attention (B, N, N), rows are queries]."""
         self.check_input(x)
-        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in self.qkv(x))  # (B, 1, N, c)
-        if self.fast(return_attention):
-            attn, out = None, kernels.softmax_attention(q, k, v)  # the N×N map is never stored
-        else:
-            attn = torch.softmax(kernels.energies(q, k), dim=-1).to(x.dtype)[:, 0]  # (B, N, N), over keys
-            out = attn[:, None] @ v
-        y = self.gamma * out[:, 0].transpose(1, 2).reshape(x.shape) + x
-        return (y, attn) if return_attention else y
+        q, k, v = self.embed(x)  # (B, 1, N, c)
+        if self.fast(return_attention):  # the N×N map is never stored
+            return self.residual(x, self.aggregate(q, k, v))
+        attn = self.relation(q, k)  # (B, 1, N, N)
+        out = self.residual(x, attn @ v)
+        return (out, attn[:, 0]) if return_attention else out
+
+    def embed(self, x):
+        """Q, K (B, 1, N, C/qk_ratio) and V (B, 1, N, C): one head, positions flattened row-major."""
+        return tuple(t.flatten(2).transpose(1, 2)[:, None] for t in self.qkv(x))
+
+    def relation(self, q, k):
+        """softmax over the keys of Q Kᵀ (B, 1, N, N), materialised."""
+        return torch.softmax(kernels.energies(q, k), dim=-1).to(q.dtype)
+
+    def aggregate(self, q, k, v):
+        """softmax(Q Kᵀ) V (B, 1, N, C) without the N×N map."""
+        return kernels.softmax_attention(q, k, v)
+
+    def residual(self, x, y):
+        """γ·y + x, y (B, 1, N, C) laid out as x (B, C, H, W)."""
+        return self.gamma * y[:, 0].transpose(1, 2).reshape(x.shape) + x
 
 
 class SelfAttention(_SAGAN):

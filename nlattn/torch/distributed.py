@@ -142,3 +142,92 @@ def _replace(root: nn.Module, dotted: str, module: nn.Module) -> None:
     parent_name, _, leaf = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, module)
+
+
+def context_parallel(block: nn.Module, process_group=None) -> ContextParallel:
+    """``block`` run on one huge input whose query positions are split over the processes of
+    ``process_group`` along the first spatial axis (H of an image, T of a video).
+
+    Each process passes its shard ``x[:, :, r·S/P:(r+1)·S/P]`` (``ContextParallel.shard`` cuts it)
+    and gets the same shard of the output. Keys and values (pooled first, where the block
+    sub-samples) are all-gathered with a collective that carries gradients, so a process holds its
+    N/P queries' activations and one copy of the keys/values, never the N×M relation (on the fast
+    path); BatchNorm statistics are synchronised over the group. Outputs and gradients equal the
+    single-process block's: input gradients shard by shard, parameter gradients summed over the
+    processes (DDP's all-reduce on this group does that sum, up to its 1/P). For NonLocalBlock1D/2D/3D
+    (every mode), SelfAttention and PositionAttention.
+    """
+    return ContextParallel(block, process_group)
+
+
+class ContextParallel(nn.Module):
+    """See ``context_parallel``; ``block`` is converted in place (``convert_sync_batchnorm``)."""
+
+    def __init__(self, block: nn.Module, process_group=None):
+        super().__init__()
+        if not all(hasattr(block, m) for m in ("embed", "aggregate", "relation", "residual")):
+            raise TypeError(
+                f"context_parallel: {type(block).__name__} has no query/key split; it supports the "
+                "non-local blocks, SelfAttention and PositionAttention"
+            )
+        self.block = convert_sync_batchnorm(block, process_group)
+        self.process_group = process_group
+
+    def _world(self) -> tuple[int, int]:
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _window(self) -> int:
+        """How many rows of the first spatial axis one pooled key covers (1 without pooling)."""
+        spec = self.block.spec
+        return spec.pool_window[0] if getattr(spec, "sub_sample", False) else 1
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's shard of a whole input (B, C, S0, ...), split along S0 in rank order."""
+        rank, world = self._world()
+        size, window = x.shape[2], self._window()
+        if size % (world * window):
+            raise ValueError(
+                f"{self.block.spec.block}: context parallelism splits the first spatial axis into "
+                f"{world} equal shards{f' of whole {window}-row pooling windows' if window > 1 else ''}; "
+                f"{size} rows do not split so (use a size divisible by {world * window})"
+            )
+        share = size // world
+        return x[:, :, rank * share : (rank + 1) * share]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's shard (B, C, S0/P, ...) -> the same shard of the block's output."""
+        block = self.block
+        if x.shape[2] % self._window():
+            raise ValueError(
+                f"{block.spec.block}: a shard's first spatial size must be a multiple of the pooling "
+                f"window {self._window()}, got {x.shape[2]} (see ContextParallel.shard)"
+            )
+        q, k, v = block.embed(x)
+        k, v = _gather_positions(k, self.process_group), _gather_positions(v, self.process_group)
+        y = block.aggregate(q, k, v) if block.fast() else block.relation(q, k) @ v
+        return block.residual(x, y)
+
+
+def _gather_positions(t: torch.Tensor, group) -> torch.Tensor:
+    """(B, h, n, c) of every process, concatenated along the positions in rank order."""
+    return _GatherPositions.apply(t, group)
+
+
+class _GatherPositions(torch.autograd.Function):
+    """All-gather along dim −2; the backward sums the gradient over the processes (every process
+    used every key) and keeps this process's rows. (torch.distributed.nn's all_gather hands the
+    non-contiguous slices of a concatenation's gradient to gloo, which reads them wrongly.)"""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        ctx.group, ctx.rows = group, t.shape[-2]
+        return torch.cat(parts, dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[..., start : start + ctx.rows, :].contiguous(), None
