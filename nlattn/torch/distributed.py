@@ -15,6 +15,8 @@ statistics and keeps its own running statistics, as plain BatchNorm under DDP do
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -170,7 +172,7 @@ class ContextParallel(nn.Module):
                 f"context_parallel: {type(block).__name__} has no query/key split; it supports the "
                 "non-local blocks, SelfAttention and PositionAttention"
             )
-        self.block = convert_sync_batchnorm(block, process_group)
+        self.block: Any = convert_sync_batchnorm(block, process_group)
         self.process_group = process_group
 
     def _world(self) -> tuple[int, int]:
