@@ -87,14 +87,15 @@ class NonLocalMeans(Block):
             row_ok = ((rows_in + di >= 0) & (rows_in + di < height))[:, None]  # (H, 1)
             strip = others[:, :, d + di : d + di + hp].unfold(-1, wp, 1)  # (B, C, hp, n_off, wp)
             sq = ((patches[:, :, :, None] - strip) ** 2).sum(1) - noise  # (B, hp, n_off, wp)
-            # R[.., r, j, c, k] = Σ_l sq[.., r, j, c + l]·w[k, l]; patch row k of centre r is R at r + k
-            rk = torch.einsum("brjcl,kl->brjck", sq.unfold(-1, s, 1), kernel)  # (B, hp, n_off, W, s)
-            rows = torch.stack([rk[:, k : k + height, ..., k] for k in range(s)], -1)  # (B, H, n_off, W, s)
-            partial = torch.cumsum(rows, -1)
-            # tested before rows 1 … s−1 are added: the partial sums of rows 0 … s−2, never the total
-            cut = (partial[..., :-1] > NL_MEANS_DISTANCE_CUTOFF).any(-1)
+            # R[k, .., r, j, c] = Σ_l sq[.., r, j, c + l]·w[k, l]; patch row k of centre r is R[k] at r + k
+            rk = torch.einsum("brjcl,kl->kbrjc", sq.unfold(-1, s, 1), kernel)  # (s, B, hp, n_off, W)
+            partial = rk[0, :, :height].clone()  # (B, H, n_off, W)
+            cut = torch.zeros_like(partial, dtype=torch.bool)
+            for k in range(1, s):  # tested before rows 1 … s−1 are added: the partial sums of rows 0 … s−2
+                cut |= partial > NL_MEANS_DISTANCE_CUTOFF
+                partial += rk[k, :, k : k + height]
             keep = ~cut & row_ok[:, None, :] & col_ok  # (B, H, n_off, W)
-            weight = torch.where(keep, exp(-partial[..., -1].clamp(min=0)), 0.0).to(xw.dtype)
+            weight = torch.where(keep, exp(-partial.clamp(min=0)), 0.0).to(xw.dtype)
             cand = values[:, :, d + di : d + di + height].unfold(-1, width, 1)  # (B, C, H, n_off, W)
             num = num + torch.einsum("bhjw,bchjw->bchw", weight, cand)
             den = den + weight.sum(2)
