@@ -157,8 +157,8 @@ def test_cli_prints_the_table():
 def test_a_framework_name_selects_all_its_columns_and_an_unknown_one_is_refused():
     from nlattn.conformance import adapter_names
 
-    assert adapter_names(["torch"]) == ["torch", "torch-naive"]
-    assert adapter_names(["keras"]) == ["keras", "keras-cf", "keras-naive"]
+    assert adapter_names(["torch"]) == ["torch", "torch-naive", "torch-autocast"]
+    assert adapter_names(["keras"]) == ["keras", "keras-cf", "keras-naive", "keras-mixed"]
     assert adapter_names(["keras-cf", "numpy"]) == ["numpy", "keras-cf"]
     proc = subprocess.run(
         [sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "mxnet"], capture_output=True, text=True

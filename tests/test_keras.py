@@ -1,13 +1,15 @@
 """What only nlattn.tf has: data formats, in_channels inferred at build, get_config and .keras files,
-jit_compile, the Scale layer, functional models, Keras names, the other Keras backends.
+jit_compile, the Scale layer, functional models with unknown sizes, Keras names, mixed-precision
+policies, messages in the user's layout, the other Keras backends (jax, torch).
 
-Conformance (keras, keras-cf, keras-naive), inits, weight round trips and errors are checked for
+Conformance (keras, keras-cf, keras-naive, keras-mixed), inits, weight round trips and errors are checked for
 every framework alike in tests/test_blocks.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,6 +117,78 @@ def test_get_config_keeps_data_format_and_inferred_channels():
 
 
 # ---------------------------------------------------------------------------------------------
+# unknown sizes: functional models on keras.Input((None, None, C)), compute_output_shape, .keras
+# ---------------------------------------------------------------------------------------------
+
+
+def check_unknown_sizes(block: str, directory) -> None:
+    """A functional model on ``keras.Input`` with unknown batch and spatial sizes (RGA: its fixed
+    (H, W), batch still unknown) runs ``block`` at two input sizes, eagerly and through ``predict``,
+    matches the reference, and round-trips through a ``.keras`` file. Backend-neutral: the other
+    backends run it in a subprocess (``test_unknown_sizes_on_the_other_backends``)."""
+    config, shape = ONE[block]
+    spec = make_spec(block, config)
+    c, fixed = shape[1], spec.fixed_spatial_size
+    spatial = fixed or (None,) * len(shape[2:])
+    symbolic = (None, *spatial, c)
+    layer = getattr(nk, block)(**config, **({"query_chunk_size": 5} if spec.query_chunked else {}), name="blk")
+    inp = keras.Input(symbolic[1:])
+    out = layer(inp)
+    assert tuple(out.shape) == symbolic and tuple(layer.compute_output_shape(symbolic)) == symbolic
+    if spec.attention is not None:  # the map's sizes are symbolic too
+        _, attn = layer(inp, return_attention=True)
+        assert attn.shape[0] is None
+    model = keras.Model(inp, out)
+    w = random_weights(spec.schema(), np.random.default_rng(0))
+    nk.load_weights(layer, w)
+    sizes = [shape, (shape[0] + 1, c, *(s if fixed else s + 3 for s in shape[2:]))]
+    xs = [rand(size, block=block) for size in sizes]
+    inputs = [channels_last(x).astype(np.float32) for x in xs]
+    want = [channels_last(reference(block, x, w, config)) for x in xs]
+    got = [as_np(model(x)) for x in inputs]
+    for x, y, ref in zip(inputs, got, want):
+        assert y.shape == ref.shape and error(y, ref) <= 1e-5
+        assert error(model.predict(x, verbose=0), ref) <= 1e-5
+    path = os.path.join(directory, f"{block}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert tuple(loaded.inputs[0].shape) == symbolic
+    for x, y in zip(inputs, got):
+        assert np.array_equal(as_np(loaded(x)), y)
+
+
+@pytest.mark.parametrize("block", sorted(ONE))
+def test_functional_model_with_unknown_sizes(block, tmp_path):
+    check_unknown_sizes(block, tmp_path)
+
+
+@pytest.mark.parametrize("block", sorted(ONE))
+def test_every_size_symbolic_in_a_traced_function(block):
+    """Traced once with every size unknown (tf.function with a None signature: ops see symbolic
+    shapes, never ints), then run at two sizes."""
+    config, shape = ONE[block]
+    spec = make_spec(block, config)
+    layer, w = build(block, config)
+    c, fixed = shape[1], spec.fixed_spatial_size
+    signature = tf.TensorSpec((None, *(fixed or (None,) * len(shape[2:])), c), tf.float32)
+    traced = tf.function(lambda t: layer(t), input_signature=[signature])
+    for size in (shape, (1, c, *(s if fixed else s + 2 for s in shape[2:]))):
+        x = rand(size, block=block)
+        ref = channels_last(reference(block, x, w, config))
+        assert error(as_np(traced(channels_last(x).astype(np.float32))), ref) <= 1e-5
+    assert traced.experimental_get_tracing_count() == 1
+
+
+def test_compute_output_shape_checks_the_input():
+    layer = nk.NonLocalBlock3D(in_channels=8, data_format="channels_first")
+    assert layer.compute_output_shape((None, 8, None, None, None)) == (None, 8, None, None, None)
+    assert layer.compute_output_shape((2, 8, 3, 5, 4)) == (2, 8, 3, 5, 4)
+    with pytest.raises(InputError, match=r"expected 8 channels, got 4 \(input shape \(None, 4, None, 5, 4\)"):
+        layer.compute_output_shape((None, 4, None, 5, 4))
+    assert nk.Scale().compute_output_shape((None, 3)) == (None, 3)
+
+
+# ---------------------------------------------------------------------------------------------
 # init, data format, channel inference
 # ---------------------------------------------------------------------------------------------
 
@@ -140,7 +214,7 @@ def test_channels_first_equals_channels_last():
 
 def test_in_channels_inferred_and_checked_at_build():
     layer = nk.NonLocalBlock2D(mode="gaussian")
-    assert layer.spec is None
+    assert not layer.built
     out = layer(np.zeros((1, 4, 4, 6), np.float32))
     assert layer.spec.in_channels == 6 and out.shape == (1, 4, 4, 6)
     cam = nk.ChannelAttention()
@@ -153,6 +227,22 @@ def test_in_channels_inferred_and_checked_at_build():
 def test_unbuilt_layer_without_channels_cannot_export():
     with pytest.raises(ValueError, match="in_channels is unknown"):
         nk.export_weights(nk.NonLocalBlock2D())
+
+
+def test_unbuilt_layer_without_channels_says_so_everywhere(tmp_path):
+    """Not "expected an nlattn block": the framework-neutral calls say what is missing."""
+    layer = nk.NonLocalBlock2D(mode="dot_product")
+    for call in (
+        lambda: nlattn.save_weights(tmp_path / "w.safetensors", layer),
+        lambda: nlattn.export_weights(layer),
+        lambda: layer.spec,
+    ):
+        with pytest.raises(ConfigError, match="NonLocalBlock2D: in_channels is unknown until the layer is built"):
+            call()
+    assert not (tmp_path / "w.safetensors").exists()
+    layer(np.zeros((1, 4, 4, 6), np.float32))  # once built, it saves
+    path = nlattn.save_weights(tmp_path / "w.safetensors", layer)
+    assert nlattn.load_file(path).config["in_channels"] == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +265,27 @@ def test_input_errors(block, config, shape, dtype, needle):
 def test_input_errors_after_build():
     layer = nk.NonLocalBlock2D(in_channels=4)
     layer(np.zeros((1, 4, 4, 4), np.float32))
-    with pytest.raises(InputError, match="expected 4 channels, got 3"):
+    with pytest.raises(InputError, match=r"expected 4 channels, got 3 \(input shape \(1, 4, 4, 3\), channels_last\)"):
         layer(np.zeros((1, 4, 4, 3), np.float32))
     with pytest.raises(InputError, match="floating-point"):
         layer(np.zeros((1, 4, 4, 4), np.int64))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_input_errors_show_the_shape_as_passed(data_format):
+    """The shape in a message is the one the user passed, in their layout (not reordered)."""
+    layer = nk.SelfAttention(in_channels=4, qk_ratio=2, data_format=data_format)
+    shape = (1, 5, 6, 3) if data_format == "channels_last" else (1, 3, 5, 6)
+    with pytest.raises(InputError) as e:
+        layer(np.zeros(shape, np.float32))
+    assert f"expected 4 channels, got 3 (input shape {shape}, {data_format})" in str(e.value)
+    layout = "(B, H, W, C)" if data_format == "channels_last" else "(B, C, H, W)"
+    with pytest.raises(InputError, match=rf"rank-4 input {re.escape(layout)} \({data_format}\), got shape \(2, 5, 4\)"):
+        nk.NonLocalBlock2D(data_format=data_format)(np.zeros((2, 5, 4), np.float32))
+    rga = nk.RelationAwareAttention(8, (5, 6), cha_ratio=2, spa_ratio=2, down_ratio=2, data_format=data_format)
+    wrong = (1, 6, 5, 8) if data_format == "channels_last" else (1, 8, 6, 5)
+    with pytest.raises(InputError, match=r"built for spatial size \(5, 6\).*got \(6, 5\)"):
+        rga(np.zeros(wrong, np.float32))
 
 
 def test_keras_config_errors():
@@ -188,6 +295,66 @@ def test_keras_config_errors():
         nk.RelationAwareAttention(in_channels=8)
     with pytest.raises(ConfigError, match="must divide"):  # validated when building
         nk.NonLocalBlock2D(mode="gaussian", num_heads=3)(np.zeros((1, 4, 4, 4), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# half precision and mixed-precision policies (their conformance columns: keras, keras-mixed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "mixed_bfloat16", "mixed_float16"])
+def test_evc_codebook_stays_float32(dtype):
+    """As torch keeps it: the codebook's logits s_k‖x − d_k‖² are large, a half-precision scale
+    alone moves the assignments by percents. The other variables follow the policy."""
+    config, shape = ONE["ExplicitVisualCenter"]
+    layer, w = build("ExplicitVisualCenter", config, dtype=dtype)
+    policy = keras.dtype_policies.get(dtype)
+    encoding = layer.lvc.LVC[3]
+    assert [v.dtype for v in (encoding.codewords, encoding.scale)] == ["float32", "float32"]
+    assert layer.l_MLP.layer_scale_1.dtype == layer.cnv1.kernel.dtype == policy.variable_dtype
+    assert (
+        nk.export_weights(layer)["lvc.LVC.3.codewords"].tobytes()
+        == w["lvc.LVC.3.codewords"].astype(np.float32).tobytes()
+    )  # not rounded through the half dtype
+    x = rand(shape)
+    out, assign = layer(channels_last(x).astype(np.float32), return_attention=True)
+    assert out.dtype == assign.dtype == policy.compute_dtype
+    ref, ref_assign = reference("ExplicitVisualCenter", x, w, config, return_attention=True)
+    assert error(as_np(out).astype(np.float64), channels_last(ref)) <= 2e-2
+    assert error(as_np(assign).astype(np.float64), ref_assign) <= 2e-2
+
+
+def test_mixed_policy_keeps_variables_float32_and_computes_in_half():
+    layer, w = build("NonLocalBlock2D", dict(in_channels=8, mode="concatenation"), dtype="mixed_float16")
+    assert {v.dtype for v in layer.weights} == {"float32"}
+    x = 10 * rand((2, 8, 7, 9))
+    out = layer(channels_last(x).astype(np.float32))
+    assert out.dtype == "float16"
+    ref = channels_last(reference("NonLocalBlock2D", x, w, dict(in_channels=8, mode="concatenation")))
+    assert error(as_np(out).astype(np.float64), ref) <= 2e-2
+
+
+@pytest.mark.parametrize("implementation", ["auto", "naive"])
+def test_3d_non_local_runs_in_float16_on_tensorflow(implementation):
+    """TF has no CPU MaxPool3D kernel for float16; the sub-sampling is a reshape and a max (which
+    also propagates NaN), so the 3D block runs in float16 like the others."""
+    config = dict(in_channels=8, mode="dot_product")
+    layer, w = build("NonLocalBlock3D", config, dtype="float16", implementation=implementation)
+    x = rand((2, 8, 3, 5, 6))
+    out = layer(channels_last(x).astype(np.float16))
+    ref = channels_last(reference("NonLocalBlock3D", x, w, config))
+    assert out.dtype == "float16" and error(as_np(out).astype(np.float64), ref) <= 2e-2
+
+
+def test_keras_dtypes_variable_restricts_every_column(monkeypatch):
+    from nlattn.tf.conformance import KerasAdapter, KerasMixedAdapter, KerasNaiveAdapter
+
+    assert KerasAdapter().dtypes == KerasNaiveAdapter().dtypes == ("float32", "bfloat16", "float16")
+    assert KerasMixedAdapter().dtypes == ("bfloat16", "float16") and KerasMixedAdapter().name == "keras-mixed"
+    monkeypatch.setenv("NLATTN_KERAS_DTYPES", "float32")
+    assert KerasAdapter().dtypes == ("float32",) and KerasMixedAdapter().dtypes == ()
+    monkeypatch.setenv("NLATTN_KERAS_DTYPES", "float16, bfloat16")
+    assert KerasAdapter().dtypes == ("bfloat16", "float16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +484,7 @@ def test_keras_names_have_no_dots_and_weight_paths_are_unique(block):
 
 
 # ---------------------------------------------------------------------------------------------
-# packaging and the other Keras backend
+# packaging and the other Keras backends
 # ---------------------------------------------------------------------------------------------
 
 
@@ -342,12 +509,24 @@ def test_imports_only_keras_and_names_the_extra_when_missing():
     assert "pip install nlattn[tf]" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
-def test_conformance_cli_on_the_jax_backend():
-    """The whole suite through ``nlattn conformance`` with KERAS_BACKEND=jax (no gradients there).
+#: the Keras backends other than this process's tensorflow, each checked in a subprocess
+OTHER_BACKENDS = ["jax", "torch"]
 
-    XLA's CPU optimisation level 0 only makes the many small compiles faster; values are unchanged
-    in meaning and still held to the same tolerances.
-    """
+
+def _backend_env(backend):
+    """KERAS_BACKEND, and for jax XLA's CPU optimisation level 0: it only makes the many small
+    compiles faster; values are unchanged in meaning and held to the same tolerances."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    if backend == "jax":
+        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    return env
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_conformance_cli_on_the_other_backends(backend):
+    """The whole suite through ``nlattn conformance`` with KERAS_BACKEND=jax / torch (no gradients
+    there), in float32 only (``NLATTN_KERAS_DTYPES``): the half-precision columns run here on
+    tensorflow, and in every dtype take 6 min on jax."""
     start = time.time()
     r = subprocess.run(
         [sys.executable, "-m", "nlattn.cli", "conformance", "--framework", "keras", "--no-progress"],
@@ -355,12 +534,31 @@ def test_conformance_cli_on_the_jax_backend():
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_backend_optimization_level=0"},
+        env={**_backend_env(backend), "NLATTN_KERAS_DTYPES": "float32"},
     )
-    print(f"KERAS_BACKEND=jax conformance: {time.time() - start:.0f} s")
+    print(f"KERAS_BACKEND={backend} conformance: {time.time() - start:.0f} s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = r.stdout
     assert "keras-cf" in table and "keras-naive" in table and " 0 failed" in table
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_unknown_sizes_on_the_other_backends(backend, tmp_path):
+    """``check_unknown_sizes`` for every block with KERAS_BACKEND=jax / torch: symbolic sizes are
+    jax's shape-polymorphic dimensions there, and torch's meta tensors."""
+    code = (
+        "import sys, keras\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import test_keras as t\n"
+        f"assert keras.backend.backend() == {backend!r}\n"
+        "for block in sorted(t.ONE):\n"
+        f"    t.check_unknown_sizes(block, {str(tmp_path)!r})\n"
+        "print('ok')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, env=_backend_env(backend)
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def test_conformance_cli_prints_keras_columns():
@@ -385,7 +583,7 @@ def test_conformance_cli_prints_keras_columns():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     header = r.stdout.splitlines()[0].split()
-    assert header == ["block", "keras", "keras-cf", "keras-naive"]
+    assert header == ["block", "keras", "keras-cf", "keras-naive", "keras-mixed"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ read from the input in ``build``. Layers take ``data_format=None`` (``keras.conf
 image_data_format()``, channels_last by default). ``implementation="auto"`` (default) takes a fast
 path that never materialises the N×M relation (query-chunked softmax attention with
 ``query_chunk_size``, q(kᵀv)/M for dot_product, sorted keys for concatenation) unless
-``return_attention=True``; ``"naive"`` always materialises it. ``export_weights`` /
+``return_attention=True``; ``"naive"`` always materialises it. Batch and spatial sizes may be
+unknown (``keras.Input((None, None, C))``; RGA needs its fixed (H, W)). Keras dtype policies are
+honoured (``dtype="bfloat16"``, ``"mixed_float16"``, ...): energies, softmax, sorted sums and EVC's
+codebook (kept float32) run in float32. ``export_weights`` /
 ``load_weights`` take a layer, or a model containing layers (names prefixed by the layer path,
 e.g. ``"stage2.nl.theta.weight"``; docs/design.md §3).
 

@@ -7,6 +7,9 @@ The same file in ``nlattn/torch`` and ``nlattn/jax`` has the same names: ``Block
 attributes at the canonical prefixes (``block.theta``, ``block.lvc.conv_1.conv1``,
 ``block.W_spatial[3]``); Keras names never contain a dot, so ``lvc.LVC.3.codewords`` is the weight
 ``lvc_LVC_3_codewords`` (docs/design.md §3).
+
+Blocks run on every Keras backend (tensorflow, jax, torch) and with symbolic sizes: shapes are read
+with ``ops.shape`` (an int where known, a scalar tensor where not), never ``int()`` of a dimension.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, ClassVar
 
 import keras
-from keras import ops
+from keras import ops, tree
 
 from ..errors import ConfigError, InputError
 from ..specs import (
@@ -73,18 +77,38 @@ def standardize_data_format(block: str, data_format) -> str:
     return df
 
 
-def check_shape(spec: BlockConfig, shape_cf) -> None:
-    """``spec.check_input_shape`` on a channels-first shape that may hold None (unknown) sizes."""
-    shape = list(shape_cf)
-    if shape and shape[0] is None:
-        shape[0] = 1
-    if len(shape) >= 2 and shape[1] is None:
-        shape[1] = spec.expected_channels() or 1
+#: the input layout of each spatial rank, channels_last and channels_first
+LAYOUTS = {
+    "channels_last": {1: "(B, L, C)", 2: "(B, H, W, C)", 3: "(B, T, H, W, C)"},
+    "channels_first": {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"},
+}
+
+
+def static_shape(shape) -> tuple:
+    """A shape's known sizes as ints, None for the unknown ones (None, or a symbolic dimension such
+    as jax's while Keras traces a call)."""
+    return tuple(int(s) if isinstance(s, numbers.Integral) else None for s in shape)
+
+
+def check_shape(spec: BlockConfig, shape, data_format: str) -> None:
+    """InputError unless ``shape`` (in ``data_format``, None where unknown) fits the block; the
+    message shows the shape as the user passed it, in their layout."""
+    shape = static_shape(shape)
+    rank = 2 + spec.spatial_dims
+    if len(shape) != rank:
+        raise InputError(
+            f"{spec.block}: expected a rank-{rank} input {LAYOUTS[data_format][spec.spatial_dims]} "
+            f"({data_format}), got shape {shape}"
+        )
+    last = data_format == "channels_last"
+    c, spatial = (shape[-1], shape[1:-1]) if last else (shape[1], shape[2:])
+    expected = spec.expected_channels()
+    if expected is not None and c is not None and c != expected:
+        raise InputError(f"{spec.block}: expected {expected} channels, got {c} (input shape {shape}, {data_format})")
     fixed = spec.fixed_spatial_size
-    for i in range(2, len(shape)):
-        if shape[i] is None:  # unknown now: check what can be checked
-            shape[i] = fixed[i - 2] if fixed is not None and len(fixed) == len(shape) - 2 else 10**6
-    spec.check_input_shape(shape)
+    # an unknown size is checked when it is known (at call time); until then it stands for a valid
+    # one: the fixed size where the block has one, else a size no lower bound excludes
+    spec.check_spatial(tuple(s if s is not None else (fixed[i] if fixed else 2**20) for i, s in enumerate(spatial)))
 
 
 class Block(keras.layers.Layer):
@@ -139,7 +163,18 @@ class Block(keras.layers.Layer):
         deferred = (
             field is not None and field.default is dataclasses.MISSING and arguments.config.get("in_channels") is None
         )
-        self.spec: Any = None if deferred else cls.from_dict(arguments.config)
+        self._spec: Any = None if deferred else cls.from_dict(arguments.config)
+
+    @property
+    def spec(self) -> Any:
+        """The validated config; a ConfigError while ``in_channels`` is still unknown (the layer was
+        made without it and has not been built or called yet)."""
+        if self._spec is None:
+            raise ConfigError(
+                f"{self.config_class.block}: in_channels is unknown until the layer is built; pass "
+                "in_channels=..., or call or build the layer on an input first"
+            )
+        return self._spec
 
     def build_layers(self, make) -> None:
         """Create the block's layers as attributes named after the schema (``self.theta = ...``)."""
@@ -151,43 +186,46 @@ class Block(keras.layers.Layer):
     def check_input(self, x) -> None:
         """InputError unless x is floating and of the expected shape (in this layer's data format)."""
         check_float_dtype(self.spec.block, keras.backend.standardize_dtype(x.dtype))
-        check_shape(self.spec, self.channels_first_shape(x.shape))
+        self.check_shape(x.shape)
+
+    def check_shape(self, shape) -> None:
+        """InputError unless ``shape`` (this layer's data format; None where unknown) fits."""
+        check_shape(self.spec, shape, self.data_format)
 
     # -- layout -------------------------------------------------------------------------------
     @property
     def channels_last(self) -> bool:
         return self.data_format == "channels_last"
 
-    def channels_first_shape(self, shape) -> tuple:
-        """An input shape of this layer's data format in channels-first order."""
-        shape = tuple(None if s is None else int(s) for s in shape)
-        if self.channels_last and len(shape) >= 2:
-            return (shape[0], shape[-1], *shape[1:-1])
-        return shape
+    def channels_axis(self, rank: int) -> int:
+        return rank - 1 if self.channels_last else 1
 
     def default_input_shape(self) -> tuple:
-        """The input shape (in this layer's data format) that ``build`` uses when none is given."""
-        if self.spec is None:
-            raise ValueError(f"{self.config_class.block}: in_channels is unknown; pass it or build the layer first")
+        """The input shape (in this layer's data format) that ``build`` uses when none is given;
+        a ConfigError while ``in_channels`` is unknown."""
         spatial = self.spec.fixed_spatial_size or (None,) * self.spec.spatial_dims
         c = self.spec.expected_channels()
         return (None, *spatial, c) if self.channels_last else (None, c, *spatial)
 
     # -- Keras API ----------------------------------------------------------------------------
     def build(self, input_shape):
-        shape = self.channels_first_shape(input_shape)
-        if self.spec is None:  # in_channels from the input
+        shape = static_shape(input_shape)
+        if self._spec is None:  # in_channels from the input
             cls = self.config_class
             rank = 2 + cls.spatial_dims
             if len(shape) != rank:
-                raise InputError(f"{cls.block}: expected a rank-{rank} input, got shape {tuple(input_shape)}")
-            if shape[1] is None:
+                raise InputError(
+                    f"{cls.block}: expected a rank-{rank} input {LAYOUTS[self.data_format][cls.spatial_dims]} "
+                    f"({self.data_format}), got shape {shape}"
+                )
+            channels = shape[self.channels_axis(rank)]
+            if channels is None:
                 raise InputError(
                     f"{cls.block}: the channel dimension of the input must be known to "
-                    f"build the layer, got shape {tuple(input_shape)}"
+                    f"build the layer, got shape {shape}"
                 )
-            self.spec = cls.from_dict({**self._config, "in_channels": shape[1]})
-        check_shape(self.spec, shape)
+            self._spec = cls.from_dict({**self._config, "in_channels": channels})
+        self.check_shape(shape)
         self.build_layers(functools.partial(make, dtype=self.dtype_policy))
 
     def call(self, x, training=None, return_attention=False):
@@ -196,6 +234,12 @@ class Block(keras.layers.Layer):
         self.check_input(x)
         if return_attention and self.spec.attention is None:
             raise ValueError(f"{self.spec.block} has no attention map to return")
+        if static_shape(x.shape)[0] == 0:
+            # an empty batch gives an empty output (and map), as a convolution does; TF's
+            # convolutions fail on one, so one zero sample runs (inference: the statistics stay)
+            one = ops.zeros((1, *ops.shape(x)[1:]), x.dtype)
+            result = self.call(one, training=False, return_attention=return_attention)
+            return tree.map_structure(lambda t: t[:0], result)
         move = not self.channels_last and len(x.shape) > 2
         if move:
             x = ops.moveaxis(x, 1, -1)
@@ -205,11 +249,21 @@ class Block(keras.layers.Layer):
             out = ops.moveaxis(out, -1, 1)
         return (out, attention) if return_attention else out
 
+    def compute_output_shape(self, input_shape):
+        """The output has the input's shape (every block is residual or a filter)."""
+        self.check_shape(input_shape)
+        return tuple(input_shape)
+
+    def compute_output_spec(self, x, training=None, return_attention=False):
+        if return_attention:  # the map's shape is the block's own: trace the call symbolically
+            return keras.Operation.compute_output_spec(self, x, training=training, return_attention=True)
+        return super().compute_output_spec(x, training=training)
+
     def call_channels_last(self, x, training: bool, return_attention: bool):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def get_config(self):
-        config = self.spec.to_dict() if self.spec is not None else dict(self._config)
+        config = self._spec.to_dict() if self._spec is not None else dict(self._config)
         chunk = {"query_chunk_size": self.query_chunk_size} if self.config_class.query_chunked else {}
         return {
             **super().get_config(),
@@ -258,10 +312,11 @@ class GroupNormNd(keras.layers.GroupNormalization):
         self.input_spec = None
 
 
-def make(layer: Layer, *, dtype=None) -> keras.layers.Layer | keras.Variable:
+def make(layer: Layer, *, dtype=None, wide: bool = False) -> keras.layers.Layer | keras.Variable:
     """The Keras layer (built) or variable of a schema layer, initialised as the spec says (Keras's
     init otherwise), named after its canonical prefix; conv rank follows the kernel. A ``Gate``
-    becomes a ``Scale`` layer. ``Block.build`` passes its dtype policy."""
+    becomes a ``Scale`` layer. ``Block.build`` passes its dtype policy. ``wide``: a ``Param`` kept
+    in float32 (or wider) and never autocast, whatever the policy (EVC's codebook)."""
     name = keras_name(layer_name(layer))
     if isinstance(layer, Gate):
         from .scale import Scale
@@ -270,12 +325,10 @@ def make(layer: Layer, *, dtype=None) -> keras.layers.Layer | keras.Variable:
         gate.build(layer.shape)
         return gate
     if isinstance(layer, Param):
-        policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+        policy = keras.dtype_policies.get(dtype if dtype is not None else keras.config.dtype_policy())
+        variable_dtype = work_dtype(policy.variable_dtype) if wide else policy.variable_dtype
         return keras.Variable(
-            initializer(layer.init),
-            shape=layer.shape,
-            name=name,
-            dtype=policy.variable_dtype if policy is not None else None,
+            initializer(layer.init), shape=layer.shape, name=name, dtype=variable_dtype, autocast=not wide
         )
     zero = getattr(layer, "zero_init", False)
     if isinstance(layer, Conv):
@@ -330,9 +383,30 @@ def sequential(layers, x, training: bool = False):
 
 
 def flat(x):
-    """(B, *S, C) -> (B, N, C)."""
-    return ops.reshape(x, (-1, num_positions(x), int(x.shape[-1])))
+    """(B, *S, C) -> (B, N, C), N = prod(S); sizes may be symbolic."""
+    shape = ops.shape(x)
+    return ops.reshape(x, (shape[0], num_positions(x), shape[-1]))
 
 
-def num_positions(x) -> int:
-    return math.prod(int(s) for s in x.shape[1:-1])
+def num_positions(x):
+    """prod(S) of x (B, *S, C): an int, or a scalar tensor where a size is symbolic."""
+    return math.prod(ops.shape(x)[1:-1])
+
+
+def count(m, dtype):
+    """A number of positions as a divisor in ``dtype``: a Python int as is, a symbolic size cast."""
+    return m if isinstance(m, int) else ops.cast(m, dtype)
+
+
+def max_pool(x, window: tuple[int, ...]):
+    """Max pool of x (B, *S, C) with kernel = stride = ``window``, floor mode, by a reshape and a
+    max, which propagates NaN as NumPy's max does (TF's MaxPool drops it; and has no CPU float16
+    kernel in 3D). Sizes may be symbolic."""
+    shape = ops.shape(x)
+    out = [s // k for s, k in zip(shape[1:-1], window)]
+    x = x[(slice(None), *(slice(0, o * k) for o, k in zip(out, window)), slice(None))]  # floor: crop
+    split = [shape[0]]
+    for o, k in zip(out, window):
+        split += [o, k]
+    x = ops.reshape(x, (*split, shape[-1]))  # (B, S1/k1, k1, S2/k2, k2, ..., C)
+    return ops.max(x, axis=tuple(2 + 2 * i for i in range(len(window))))

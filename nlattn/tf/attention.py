@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
 from . import kernels
-from ._base import Block, flat
+from ._base import Block, flat, work_dtype
 
 
 class _QKV(Block):
@@ -37,7 +36,7 @@ class _SAGAN(_QKV):
         if self.fast(return_attention):
             attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
         else:
-            attn = kernels.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)))[:, 0]  # (B, N, N), over keys
+            attn = ops.cast(ops.softmax(kernels.energies(q, k)), x.dtype)[:, 0]  # (B, N, N), over keys
             out = ops.matmul(attn[:, None], v)
         y = self.gamma(ops.reshape(out[:, 0], ops.shape(x))) + x
         return (y, attn) if return_attention else y
@@ -78,8 +77,9 @@ class ChannelAttention(Block):
 
     def call_channels_last(self, x, training, return_attention):
         xf = ops.swapaxes(flat(x), 1, 2)  # (B, C, N)
-        energy = ops.matmul(xf, ops.swapaxes(xf, 1, 2))  # (B, C, C)
-        attn = kernels.softmax(ops.max(energy, axis=-1, keepdims=True) - energy)
+        # the C×C energies feed a softmax: float32 (or wider), no half-precision rounding
+        energy = kernels.energies(xf, xf)  # (B, C, C)
+        attn = ops.cast(ops.softmax(ops.max(energy, axis=-1, keepdims=True) - energy), x.dtype)
         y = self.gamma(ops.reshape(ops.swapaxes(ops.matmul(attn, xf), 1, 2), ops.shape(x))) + x
         return (y, attn) if return_attention else y
 
@@ -96,14 +96,17 @@ class CrissCrossAttention(_QKV):
     config_class = CrissCrossAttentionConfig
 
     def call_channels_last(self, x, training, return_attention):
-        h = int(x.shape[1])
-        itself = ops.convert_to_tensor(np.eye(h, dtype=bool)[:, None, :])  # (h, 1, h'): column self-mask
+        h = ops.shape(x)[1]
+        rows = ops.arange(h)
+        itself = (rows[:, None] == rows[None, :])[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
-            e_col = ops.einsum("bhwc,bgwc->bhwg", q, k)
-            e_col = ops.where(itself, ops.cast(float("-inf"), e_col.dtype), e_col)
-            e_row = ops.einsum("bhwc,bhvc->bhwv", q, k)
-            attn = kernels.softmax(ops.concatenate([e_col, e_row], axis=-1))
+            wide = work_dtype(q.dtype)  # energies and softmax in float32 (or wider)
+            qw, kw = ops.cast(q, wide), ops.cast(k, wide)
+            e_col = ops.einsum("bhwc,bgwc->bhwg", qw, kw)
+            e_col = ops.where(itself, ops.cast(float("-inf"), wide), e_col)
+            e_row = ops.einsum("bhwc,bhvc->bhwv", qw, kw)
+            attn = ops.cast(ops.softmax(ops.concatenate([e_col, e_row], axis=-1)), v.dtype)
             out = ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
             x = self.gamma(out) + x
         return (x, attn) if return_attention else x

@@ -4,10 +4,18 @@
 layers with ``implementation="auto"`` (the fast paths; query chunks of ``query_chunk_size=16`` so
 that the small conformance shapes run several chunks, a ragged last one included);
 ``KerasNaiveAdapter`` ("keras-naive") runs ``implementation="naive"``, every relation map
-materialised.
+materialised. These run the whole block in the case's dtype (float32, bfloat16, float16: Keras
+``dtype=``). ``KerasMixedAdapter`` ("keras-mixed") runs the fast paths under Keras's mixed
+policies (``mixed_bfloat16``, ``mixed_float16``): float32 variables, computation in the half
+dtype, which is what its ``dtypes`` name.
+
+The environment variable ``NLATTN_KERAS_DTYPES`` (comma-separated, e.g. ``float32``) keeps only
+those dtypes in every Keras column: CI runs the other Keras backends' columns in float32 only.
 """
 
 from __future__ import annotations
+
+import os
 
 import keras
 import numpy as np
@@ -18,22 +26,41 @@ from ..weights.access import STATISTICS, to_canonical
 from . import BLOCKS
 from ._weights import ACCESS, ensure_built, load_weights
 
+#: restricts the dtypes of every Keras column (comma-separated names), when set
+DTYPES_VARIABLE = "NLATTN_KERAS_DTYPES"
+
+
+def selected(dtypes: tuple[str, ...]) -> tuple[str, ...]:
+    """``dtypes``, less those that ``NLATTN_KERAS_DTYPES`` (when set) leaves out."""
+    wanted = os.environ.get(DTYPES_VARIABLE)
+    if not wanted:
+        return dtypes
+    keep = {d.strip() for d in wanted.split(",")}
+    return tuple(d for d in dtypes if d in keep)
+
 
 class KerasAdapter(Adapter):
-    """Runs nlattn.tf layers in ``data_format`` ("keras": channels_last, "keras-cf": channels_first)."""
+    """Runs nlattn.tf layers in ``data_format`` ("keras": channels_last, "keras-cf": channels_first),
+    the whole layer in the case's dtype."""
 
-    dtypes = ("float32",)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     unbiased_running_var = False  # Keras updates moving_variance with the biased batch variance
     implementation = "auto"
     query_chunk_size = 16
+    column = "keras"
 
     def __init__(self, data_format: str = "channels_last"):
         if data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
         self.data_format = data_format
         suffix = "" if self.implementation == "auto" else f"-{self.implementation}"
-        self.name = ("keras" if data_format == "channels_last" else "keras-cf") + suffix
+        self.name = (self.column if data_format == "channels_last" else "keras-cf") + suffix
         self.supports_gradients = keras.backend.backend() == "tensorflow"
+        self.dtypes = selected(type(self).dtypes)
+
+    def policy(self, dtype: str) -> str:
+        """The Keras dtype policy of a case's dtype."""
+        return dtype
 
     # canonical (B, C, *S) <-> the layer's layout
     def _to_layer(self, x):
@@ -44,7 +71,7 @@ class KerasAdapter(Adapter):
 
     def build(self, block, config, dtype):
         cls = BLOCKS[block]
-        kw = {"implementation": self.implementation, "dtype": dtype, "data_format": self.data_format}
+        kw = {"implementation": self.implementation, "dtype": self.policy(dtype), "data_format": self.data_format}
         if cls.config_class.query_chunked:
             kw["query_chunk_size"] = self.query_chunk_size
         layer = cls(**config, **kw)
@@ -106,7 +133,10 @@ class KerasAdapter(Adapter):
 
 
 class KerasChannelsFirstAdapter(KerasAdapter):
-    """ "keras-cf": the layers with ``data_format="channels_first"``."""
+    """ "keras-cf": the layers with ``data_format="channels_first"`` (float32: the layout is a
+    transpose, the half-precision arithmetic is "keras"'s)."""
+
+    dtypes = ("float32",)
 
     def __init__(self):
         super().__init__("channels_first")
@@ -116,3 +146,14 @@ class KerasNaiveAdapter(KerasAdapter):
     """ "keras-naive": ``implementation="naive"`` (channels_last), every relation map materialised."""
 
     implementation = "naive"
+
+
+class KerasMixedAdapter(KerasAdapter):
+    """ "keras-mixed": the fast paths under ``mixed_bfloat16`` / ``mixed_float16``: variables (and
+    running statistics) float32, computation in the half dtype; ``dtypes`` are the compute dtypes."""
+
+    dtypes = ("bfloat16", "float16")
+    column = "keras-mixed"
+
+    def policy(self, dtype: str) -> str:
+        return f"mixed_{dtype}"

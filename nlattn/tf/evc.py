@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from ..specs import ExplicitVisualCenterConfig
-from ._base import Block, dtype_of, flat, keras_name, sequential
+from ._base import Block, dtype_of, flat, keras_name, sequential, work_dtype
 
 
 class _Part(keras.layers.Layer):
@@ -24,26 +24,32 @@ class _Part(keras.layers.Layer):
 
 class _Encoding(_Part):
     """Encoding layer: soft-assigns each position to K codewords d_k (K, C) by
-    softmax_k(s_k‖x − d_k‖²) and returns the assigned residuals summed over positions."""
+    softmax_k(s_k‖x − d_k‖²) and returns the assigned residuals summed over positions.
+
+    The codebook (``codewords``, ``scale``) stays float32 (never autocast) when the block is in
+    bfloat16 or float16, and the distances and softmax run in float32: the logits s_k‖x − d_k‖²
+    are large, so a half-precision ``scale`` alone moves the assignments by several percent."""
 
     def __init__(self, make, L, p):
         super().__init__(make, p)
-        self.codewords = make(L[f"{p}.codewords"])
-        self.scale = make(L[f"{p}.scale"])
+        self.codewords = make(L[f"{p}.codewords"], wide=True)
+        self.scale = make(L[f"{p}.scale"], wide=True)
 
     def call(self, x):
-        """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)); the codes are last, as the
-        channels of the BatchNorm that follows."""
-        pos = flat(x)  # (B, N, C)
-        d = self.codewords
+        """x (B, H, W, C) -> (encoded (B, C, K), assignment (B, N, K)) in x's dtype; the codes are
+        last, as the channels of the BatchNorm that follows."""
+        dtype = x.dtype
+        wide = work_dtype(dtype)
+        pos = ops.cast(flat(x), wide)  # (B, N, C)
+        d = ops.cast(self.codewords, wide)
         # ‖x − d‖² = ‖x‖² − 2 x·d + ‖d‖², without the (B, N, K, C) residual tensor
         dist = (
             ops.sum(pos * pos, axis=-1, keepdims=True) - 2 * ops.matmul(pos, ops.transpose(d)) + ops.sum(d * d, axis=-1)
         )
-        assign = ops.softmax(self.scale * dist, axis=-1)  # (B, N, K)
+        assign = ops.softmax(ops.cast(self.scale, wide) * dist, axis=-1)  # (B, N, K)
         # Σ_n a_nk (x_n − d_k) = (Aᵀ X)_k − (Σ_n a_nk) d_k, as (B, C, K)
         encoded = ops.matmul(ops.swapaxes(pos, 1, 2), assign) - ops.transpose(d) * ops.sum(assign, axis=1)[:, None]
-        return encoded, assign
+        return ops.cast(encoded, dtype), ops.cast(assign, dtype)
 
 
 class _Mean(keras.layers.Layer):

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
-from ._base import Block
+from ._base import Block, work_dtype
 
 #: float64 exponent bias minus float32's (1023 - 127), in units of the high word's exponent field
 _REBIAS = (1023 - 127) << 20
@@ -29,16 +29,25 @@ def fast_exp(y):
     shifted by 3); 0 where it is below float32's normal range (the reference's 0 for hi < 0 included).
     Backward: the staircase has derivative 0 almost everywhere, so the gradient is that of the
     continuous envelope it samples (``numpy_ref.nl_means.fast_exp_envelope``), 2**(E - 1023) / ln 2
-    in the binade of exponent E, by a straight-through term that is exactly 0 in value.
+    in the binade of exponent E, by a straight-through term that is exactly 0 in value (and 0,
+    not 0·NaN, where y is not finite). A NaN y gives 0, as the reference's integer does.
     """
     y32 = ops.cast(ops.stop_gradient(y), "float32")
-    t = ops.trunc(FAST_EXP_A * ops.maximum(y32, -1000.0))  # |t| < 2**31: an int32
+    y32 = ops.where(ops.isnan(y32), -1000.0, ops.maximum(y32, -1000.0))
+    t = ops.trunc(FAST_EXP_A * y32)  # |t| < 2**31: an int32
     hi = ops.cast(t, "int32") + (FAST_EXP_BC - _REBIAS)  # high word, float32 bias
     bits = ops.where(hi > 0, hi * 8, 0)  # << 3: 20 -> 23 mantissa bits
-    fe = ops.view(bits, "float32")
-    slope = ops.view(ops.bitwise_and(bits, 0x7F800000), "float32") / _LN2  # mantissa cleared
+    fe = _as_float32(bits)
+    slope = _as_float32(ops.bitwise_and(bits, 0x7F800000)) / _LN2  # mantissa cleared
     fe, slope = ops.cast(fe, y.dtype), ops.cast(slope, y.dtype)
-    return fe + ops.stop_gradient(slope) * (y - ops.stop_gradient(y))
+    zero = ops.where(ops.isfinite(y), y - ops.stop_gradient(y), ops.zeros_like(y))
+    return fe + ops.stop_gradient(slope) * zero
+
+
+def _as_float32(bits):
+    """int32 bits -> the float32s they encode; through a static last axis of 1, as Keras's TF
+    ``view`` reads the last size as a Python int (symbolic sizes would fail)."""
+    return ops.view(bits[..., None], "float32")[..., 0]
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
@@ -53,9 +62,15 @@ class NonLocalMeans(Block):
     config_class = NonLocalMeansConfig
 
     def call_channels_last(self, x, training, return_attention):
-        """x (B, H, W, C) -> the filtered image (B, H, W, C), same dtype."""
+        """x (B, H, W, C) -> the filtered image (B, H, W, C), same dtype; computed in float32 for
+        bfloat16/float16 inputs (the bit trick and the distance sums need its range and bits)."""
+        dtype = x.dtype
+        return ops.cast(self._filter(ops.cast(x, work_dtype(dtype))), dtype)
+
+    def _filter(self, x):
+        """The filter of x (B, H, W, C) in x's dtype; sizes may be symbolic."""
         cfg = self.spec
-        _, height, width, c = (int(n) if n is not None else None for n in x.shape)
+        _, height, width, c = ops.shape(x)
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
         w = cfg.patch_kernel(c).tolist()  # (s, s) constants
         noise = c * 2.0 * cfg.sigma * cfg.sigma
@@ -87,7 +102,9 @@ class NonLocalMeans(Block):
                 ops.logical_and(rows_idx + di >= 0, rows_idx + di < height),
                 ops.logical_and(cols_idx + dj >= 0, cols_idx + dj < width),
             )
-            drop = ops.logical_not(inside) if cut is None else ops.logical_or(cut, ops.logical_not(inside))
+            # a NaN distance gives weight 0, as in the reference (its candidate still reaches num: 0·NaN)
+            drop = ops.logical_or(ops.logical_not(inside), ops.isnan(partial))
+            drop = drop if cut is None else ops.logical_or(cut, drop)
             weight = fast_exp(-ops.maximum(partial, 0.0))
             weight = ops.where(drop, ops.zeros_like(weight), weight)
             candidate = ops.slice(xs, [0, d + di, d + dj, 0], ops.shape(x))

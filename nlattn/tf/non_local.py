@@ -13,7 +13,7 @@ from keras import ops
 
 from ..specs import NonLocalBlock1DConfig, NonLocalBlock2DConfig, NonLocalBlock3DConfig
 from . import kernels
-from ._base import Block, num_positions
+from ._base import Block, count, max_pool, num_positions
 
 
 class _NonLocal(Block):
@@ -51,8 +51,9 @@ class _NonLocal(Block):
 
     def residual(self, x, y, training):
         """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, *S, Cv) for W."""
-        spatial = tuple(int(s) for s in x.shape[1:-1])
-        z = self.W(ops.reshape(ops.swapaxes(y, 1, 2), (-1, *spatial, int(y.shape[1]) * int(y.shape[3]))))
+        b, *spatial, _ = ops.shape(x)
+        _, h, _, cv = ops.shape(y)
+        z = self.W(ops.reshape(ops.swapaxes(y, 1, 2), (b, *spatial, h * cv)))
         if self.spec.bn_layer:
             z = self.bn(z, training=training)
         return z + x
@@ -60,8 +61,7 @@ class _NonLocal(Block):
     def pool(self, t):
         if not self.spec.sub_sample:
             return t
-        window = self.spec.pool_window
-        return ops.max_pool(t, window, strides=window, padding="valid", data_format="channels_last")
+        return max_pool(t, self.spec.pool_window)  # propagates NaN, as the reference's max
 
     def embed(self, x):
         """θ (B, h, N, Ck/h), φ (B, h, M, Ck/h), g (B, h, M, Cv/h): φ and g convolved then pooled
@@ -83,22 +83,28 @@ class _NonLocal(Block):
 
     def split_heads(self, t):
         """(B, *S, C) -> (B, h, positions, C / h)."""
-        h, c = self.spec.num_heads, int(t.shape[-1])
-        return ops.transpose(ops.reshape(t, (-1, num_positions(t), h, c // h)), (0, 2, 1, 3))
+        h, (b, *_, c) = self.spec.num_heads, ops.shape(t)
+        return ops.transpose(ops.reshape(t, (b, num_positions(t), h, c // h)), (0, 2, 1, 3))
 
     def relation(self, theta, phi):
         """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""
-        cfg, n, m = self.spec, int(theta.shape[-2]), int(phi.shape[-2])
+        cfg, (b, h, n, c), m = self.spec, ops.shape(theta), ops.shape(phi)[-2]
         if cfg.mode == "concatenation":
             # the published formulation, pair by pair: [θᵢ; φⱼ] (B, h, N, M, 2c), then the 1×1 conv
             pairs = ops.concatenate(
-                [ops.repeat(theta[:, :, :, None], m, axis=3), ops.repeat(phi[:, :, None], n, axis=2)], -1
+                [
+                    ops.broadcast_to(theta[:, :, :, None], (b, h, n, m, c)),
+                    ops.broadcast_to(phi[:, :, None], (b, h, n, m, c)),
+                ],
+                -1,
             )
-            return ops.relu(ops.matmul(pairs, ops.reshape(self.concat_project.kernel, (-1,)))) / m
-        f = ops.matmul(theta, ops.swapaxes(phi, -1, -2))
+            w = ops.reshape(self.concat_project.kernel, (-1,))
+            return ops.relu(ops.matmul(pairs, w)) / count(m, theta.dtype)
+        f = kernels.energies(theta, phi)  # float32 for half-precision inputs
         if cfg.scale is not None:
             f = f * cfg.scale
-        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+        f = f / count(m, f.dtype) if cfg.mode == "dot_product" else ops.softmax(f)
+        return ops.cast(f, theta.dtype)
 
     def aggregate(self, theta, phi, g):
         """y = A g (B, h, N, Cv/h) without materialising A."""
@@ -112,7 +118,7 @@ class _NonLocal(Block):
     def concat_terms(self, theta, phi):
         """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + bⱼ): per-query a (B, h, N) and per-key b (B, h, M)."""
         w = ops.reshape(self.concat_project.kernel, (-1,))
-        c = int(theta.shape[-1])
+        c = ops.shape(theta)[-1]
         return ops.matmul(theta, w[:c]), ops.matmul(phi, w[c:])
 
 

@@ -52,7 +52,7 @@ class RelationAwareAttention(Block):
 
     def call_channels_last(self, x, training, return_attention):
         cfg = self.spec
-        h, w, c = (int(s) for s in x.shape[1:])
+        b, (h, w), c = ops.shape(x)[0], cfg.spatial_size, cfg.in_channels  # the sizes it was built for
         n = h * w
 
         def run(layers, t):
@@ -60,25 +60,25 @@ class RelationAwareAttention(Block):
 
         relations = []
         if cfg.use_spatial:
-            theta = ops.reshape(run(self.theta_spatial, x), (-1, n, cfg.inter_channel))
-            phi = ops.reshape(run(self.phi_spatial, x), (-1, n, cfg.inter_channel))
+            theta = ops.reshape(run(self.theta_spatial, x), (b, n, cfg.inter_channel))
+            phi = ops.reshape(run(self.phi_spatial, x), (b, n, cfg.inter_channel))
             rel = ops.matmul(theta, ops.swapaxes(phi, 1, 2))  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
-            joint = ops.reshape(ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1), (-1, h, w, 2 * n))
+            joint = ops.reshape(ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1), (b, h, w, 2 * n))
             feat = ops.concatenate(
                 [ops.mean(run(self.gx_spatial, x), axis=-1, keepdims=True), run(self.gg_spatial, joint)], -1
             )
             x = ops.sigmoid(run(self.W_spatial, feat)) * x
             relations.append(rel)
         if cfg.use_channel:
-            xc = ops.swapaxes(ops.reshape(x, (-1, n, c)), 1, 2)[:, :, None, :]  # positions as channels
-            theta = ops.reshape(run(self.theta_channel, xc), (-1, c, cfg.inter_spatial))  # (B, C, Ni)
-            phi = ops.swapaxes(ops.reshape(run(self.phi_channel, xc), (-1, c, cfg.inter_spatial)), 1, 2)
+            xc = ops.swapaxes(ops.reshape(x, (b, n, c)), 1, 2)[:, :, None, :]  # positions as channels
+            theta = ops.reshape(run(self.theta_channel, xc), (b, c, cfg.inter_spatial))  # (B, C, Ni)
+            phi = ops.swapaxes(ops.reshape(run(self.phi_channel, xc), (b, c, cfg.inter_spatial)), 1, 2)
             rel = ops.matmul(theta, phi)  # (B, C, C)
             joint = ops.concatenate([rel, ops.swapaxes(rel, 1, 2)], -1)[:, :, None, :]  # (B, C, 1, 2C)
             feat = ops.concatenate(
                 [ops.mean(run(self.gx_channel, xc), axis=-1, keepdims=True), run(self.gg_channel, joint)], -1
             )
-            x = ops.sigmoid(ops.reshape(run(self.W_channel, feat), (-1, 1, 1, c))) * x  # gate (B, 1, 1, C)
+            x = ops.sigmoid(ops.reshape(run(self.W_channel, feat), (b, 1, 1, c))) * x  # gate (B, 1, 1, C)
             relations.append(rel)
         return (x, relations[0]) if return_attention else x

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from ..specs import ScaleConfig
-from ._base import Block
+from ._base import Block, static_shape
 
 
 @keras.saving.register_keras_serializable(package="nlattn")
@@ -19,8 +19,9 @@ class Scale(Block):
     def build_layers(self, make):
         self.gamma = make(self.spec.layers()["gamma"])
 
+    def check_shape(self, shape) -> None:
+        """Any shape of rank >= 1, in any layout."""
+        self.spec.check_input_shape(tuple(1 if s is None else s for s in static_shape(shape)))
+
     def call_channels_last(self, x, training, return_attention):
         return ops.cast(self.gamma, x.dtype) * x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
