@@ -1,5 +1,6 @@
 """What only nlattn.jax has: nnx.jit == eager, train mode under jit, Flax layouts and nnx paths,
-.msgpack files of 0.1, the kernels, and the fast paths' memory shape (no N×M intermediate).
+.msgpack files of 0.1, the kernels, the fast paths' memory shape (no N×M intermediate), and the
+computation ``dtype`` apart from ``param_dtype`` (mixed precision).
 
 Conformance, inits, weight round trips and errors are checked for every framework alike in
 tests/test_blocks.py."""
@@ -21,7 +22,10 @@ from nlattn.conformance import CASES
 from nlattn.conformance.runner import error
 from nlattn.jax import kernels
 from nlattn.jax._base import Sequential
-from nlattn.jax.conformance import FlaxAdapter, FlaxNaiveAdapter
+from nlattn.jax.conformance import FlaxAdapter, FlaxMixedAdapter, FlaxNaiveAdapter
+from nlattn.jax.nl_means import fast_exp
+from nlattn.numpy_ref import nl_means as nl_means_ref
+from nlattn.numpy_ref import run as reference
 from nlattn.specs import make_config, random_weights
 
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -351,3 +355,103 @@ def test_fast_path_never_forms_the_relation_matrix(name, config):
     has_nm = lambda shapes: any(s.count(n) >= 2 if n == m else n in s and m in s for s in shapes)  # noqa: E731
     assert has_nm(paths["naive"])
     assert not has_nm(paths["auto"])
+
+
+# ----------------------------------------------------------------------------------------------
+# precision: the computation dtype apart from the parameters' (NNX), float32 attention cores
+# ----------------------------------------------------------------------------------------------
+
+
+def loaded(name, weights, **dtypes):
+    """A block of ``CONFIGS`` built without random init (``nnx.eval_shape``), holding ``weights``."""
+    m = nnx.eval_shape(lambda: nj.BLOCKS[name](**CONFIGS[name], **dtypes, rngs=rngs()))
+    nnx.update(m, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(m)))
+    nj.load_weights(m, weights)
+    m.eval()
+    return m
+
+
+def traced(name, **dtypes):
+    """(output dtypes, convolution operand dtypes) of a block of ``CONFIGS`` on a float32 input,
+    plain call and attention call, found by tracing alone (nothing is compiled or run)."""
+    block = nnx.eval_shape(lambda: nj.BLOCKS[name](**CONFIGS[name], **dtypes, rngs=rngs()))
+    block.eval()
+    graphdef, state = nnx.split(block)
+    x = jax.ShapeDtypeStruct(SHAPES[spec_of(name).spatial_dims], jnp.float32)
+    attention = spec_of(name).attention is not None
+    jaxpr = jax.make_jaxpr(lambda s, x: _outputs(nnx.merge(graphdef, s), x, False))(state, x)
+    outs = [v.dtype.name for v in jaxpr.out_avals]
+    convs = [e.invars[0].aval.dtype.name for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    if attention:
+        outs += [v.dtype.name for v in jax.eval_shape(lambda s, x: _outputs(nnx.merge(graphdef, s), x, True), state, x)]
+    return block, outs, convs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_computation_dtype_apart_from_param_dtype(name):
+    """NNX's convention, in every block: ``param_dtype`` is what is stored, ``dtype`` what is
+    computed in. ``dtype=bfloat16, param_dtype=float32`` keeps float32 parameters, runs the layers
+    in bfloat16 (EVC's encoding features excepted: float32, as its codeword distances) and returns
+    bfloat16 output and map for a float32 input. Without ``dtype`` it is inferred from the input
+    and the parameters. (Values: the "flax-mixed" conformance column.)"""
+    mixed, outs, convs = traced(name, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(mixed, nnx.Param))} <= {jnp.dtype(jnp.float32)}
+    assert set(outs) == {"bfloat16"}
+    wide = ["float32"] if name == "ExplicitVisualCenter" else []  # lvc.LVC.0
+    assert sorted(convs) == sorted(["bfloat16"] * (len(convs) - len(wide)) + wide)
+    _, outs, _ = traced(name, param_dtype=jnp.bfloat16)  # dtype=None: float32 input, bfloat16 parameters
+    assert set(outs) == {"float32"}
+
+
+def test_evc_codebook_stays_float32():
+    """As torch keeps it: the codewords and smoothing scales are float32 whatever ``param_dtype``,
+    and loading and export keep their full precision."""
+    w = random_float32("ExplicitVisualCenter")
+    evc = loaded("ExplicitVisualCenter", w, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    encoding = evc.lvc.LVC[3]
+    assert encoding.codewords[...].dtype == encoding.scale[...].dtype == jnp.float32
+    assert evc.conv1.kernel[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(nj.export_weights(evc)["lvc.LVC.3.codewords"], w["lvc.LVC.3.codewords"])
+
+
+def test_fast_exp_and_non_local_means_in_float16():
+    """fast_exp's mantissa needs 21 bits: in float16 it returned 0 (and the filter 0/0 = NaN
+    everywhere). It runs in float32 inside; the float16 filter is within the half-precision
+    tolerance of the float64 reference. A NaN argument gives 0, as the reference's bit trick."""
+    y = np.array([0.0, -0.5, -1.0, -3.0, -10.0, np.nan])
+    want = nl_means_ref.fast_exp(y)
+    assert want[-1] == 0.0
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
+        got = np.asarray(fast_exp(jnp.asarray(y, dtype)), np.float64)
+        assert got.dtype == np.float64 and np.abs(got - want).max() <= 4e-3, dtype  # the dtype's rounding
+    x = np.random.default_rng(0).uniform(0, 1, (2, 9, 10, 3))
+    config = dict(patch_size=3, patch_distance=2, h=0.3)
+    block = nj.NonLocalMeans(**config, dtype=jnp.float16)
+    got = block(x.astype(np.float32))
+    assert got.dtype == jnp.float16
+    want = reference("NonLocalMeans", np.moveaxis(x, -1, 1), {}, config)
+    assert error(np.moveaxis(np.asarray(got, np.float64), -1, 1), want) <= 2e-2
+
+
+def test_concatenation_kernel_propagates_nan_as_the_materialised_sum():
+    """The sorted prefix sums see only the keys with aᵢ + bⱼ > 0; the materialised sum also
+    multiplies the others' NaN by 0: NaN in aᵢ spoils query i, in any bⱼ every query, in vⱼ
+    every query's channel."""
+    r = np.random.default_rng(0)
+    a, b, v = r.normal(size=(3, 1, 6)), r.normal(size=(3, 1, 5)), r.normal(size=(3, 1, 5, 2))
+    a[0, 0, 2] = b[1, 0, 3] = v[2, 0, 1, 0] = np.nan
+    want = np.isnan(np.einsum("bhnm,bhmc->bhnc", np.maximum(a[..., :, None] + b[..., None, :], 0.0), v))
+    for dtype in (jnp.float32, jnp.float16):
+        got = kernels.concatenation_attention(*(jnp.asarray(t, dtype) for t in (a, b, v)))
+        assert got.dtype == dtype and np.array_equal(np.isnan(np.asarray(got)), want)
+
+
+def test_conformance_columns_of_half_precision():
+    """The "flax" column runs whole blocks in bfloat16 and float16 (``dtype = param_dtype``),
+    "flax-mixed" float32 parameters with a half-precision computation."""
+    assert FlaxAdapter.dtypes == ("float32", "bfloat16", "float16")
+    assert FlaxMixedAdapter.dtypes == ("bfloat16", "float16") and FlaxMixedAdapter.implementation == "auto"
+    whole = FlaxAdapter().build("SelfAttention", CONFIGS["SelfAttention"], "float16")
+    mixed = FlaxMixedAdapter().build("SelfAttention", CONFIGS["SelfAttention"], "float16")
+    assert whole.dtype == whole.param_dtype == mixed.dtype == jnp.float16 and mixed.param_dtype == jnp.float32
+    assert whole.query_conv.kernel[...].dtype == jnp.float16 and mixed.query_conv.kernel[...].dtype == jnp.float32

@@ -14,6 +14,8 @@ which never forms the N×M relation matrix (query-chunked softmax attention,
 ``query_chunk_size=1024``); ``"naive"`` the readable materialising path, also used for
 ``return_attention=True``. ``export_weights`` / ``load_weights`` take a block or any ``nnx.Module``
 holding blocks (names prefixed by their attribute paths, e.g. ``stage.1.nl.g.weight``).
+Precision follows NNX: ``param_dtype`` (float32) is stored, ``dtype`` computed in, so
+``dtype=jnp.bfloat16`` alone is mixed precision; energies, softmax and sums over keys run in float32.
 """
 
 try:

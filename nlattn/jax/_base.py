@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..errors import InputError
@@ -35,6 +36,21 @@ from ..specs import (
 
 _LAYOUT = {1: "(B, L, C)", 2: "(B, H, W, C)", 3: "(B, T, H, W, C)"}
 
+#: dtypes whose attention cores (energies, softmax, sorted sums, codeword distances) run in float32
+REDUCED = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def work_dtype(dtype) -> jnp.dtype:
+    """float32 for bfloat16/float16, the dtype itself otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype in REDUCED else dtype
+
+
+def in_dtype(value: jax.Array, dtype) -> jax.Array:
+    """A parameter's value in the computation dtype, None leaving it to type promotion (as
+    ``nnx.nn.dtypes.promote_dtype`` treats the Flax layers' parameters)."""
+    return value if dtype is None else value.astype(dtype)
+
 
 class Block(nnx.Module):
     """Base of every nlattn Flax block: ``self.spec`` holds the validated config.
@@ -44,8 +60,13 @@ class Block(nnx.Module):
     ``return_attention``) or "naive" (always the readable materialising path), kept as given;
     blocks whose path is chunked softmax attention (``spec.query_chunked``) also take
     ``query_chunk_size`` (queries per step). The NNX keywords: ``rngs`` (default ``nnx.Rngs(0)``),
-    ``dtype`` (computation dtype of the Flax layers, None: inferred) and ``param_dtype`` (default
-    float32). Subclasses set ``config_class`` and create their layers in ``build_layers(make)``.
+    ``dtype`` (the computation dtype: inputs and parameters are cast to it and the output has it;
+    None: inferred from the input and the parameters, as ``nnx.Linear`` does) and ``param_dtype``
+    (the parameters' dtype, default float32). ``dtype=jnp.bfloat16, param_dtype=jnp.float32`` is
+    mixed precision. In any dtype the attention cores (energies, softmax, sorted sums, CAM's C×C
+    energies, EVC's codeword distances, non-local means) run in float32 (``work_dtype``), and
+    EVC's codebook stays float32. Subclasses set ``config_class`` and create their layers in
+    ``build_layers(make)``.
 
     Like ``nnx.BatchNorm``, a block with batch norm starts in *training* mode (batch statistics,
     running statistics updated on every call); call ``block.eval()`` for inference with the running
@@ -71,6 +92,7 @@ class Block(nnx.Module):
         # keywords that are neither config fields nor Flax's: ConfigError naming the known ones
         self.spec = self.config_class.from_dict({**arguments.config, **arguments.rest})
         self.param_dtype = jnp.dtype(param_dtype)
+        self.dtype = None if dtype is None else jnp.dtype(dtype)
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.build_layers(functools.partial(make, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
 
@@ -81,8 +103,14 @@ class Block(nnx.Module):
         """Whether this call takes the fast path: "auto", and no attention map asked for."""
         return self.implementation == "auto" and not return_attention
 
+    def param(self, p: nnx.Param) -> jax.Array:
+        """The value of one of the block's own parameters (a gate, a layer scale) in the
+        computation dtype, as the Flax layers cast theirs (``nnx.nn.dtypes.promote_dtype``)."""
+        return in_dtype(p[...], self.dtype)
+
     def check_input(self, x) -> jax.Array:
-        """x as a jax array; InputError unless it is floating and of the expected channels-last shape."""
+        """x as a jax array in the computation dtype (if one was given); InputError unless it is
+        floating and of the expected channels-last shape."""
         spec = self.spec
         check_float_dtype(spec.block, x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)  # as given
         x = jnp.asarray(x)
@@ -98,7 +126,7 @@ class Block(nnx.Module):
             raise InputError(
                 f"{e} [channels-last input {_LAYOUT[spec.spatial_dims]}: shape {tuple(x.shape)}]"
             ) from None
-        return x
+        return x if self.dtype is None else x.astype(self.dtype)
 
 
 class Sequential(nnx.List):
@@ -122,7 +150,8 @@ def max_pool(
     """Channels-last max pool over the spatial axes, floor mode; padding never wins (-inf)."""
     nd = len(window)
     pads = [(0, 0)] + [(padding, padding)] * nd + [(0, 0)]
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *(stride or window), 1), pads)
+    init = np.array(-np.inf, x.dtype)  # concrete (a monoid: differentiable); XLA's max propagates NaN
+    return jax.lax.reduce_window(x, init, jax.lax.max, (1, *window, 1), (1, *(stride or window), 1), pads)
 
 
 def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> nnx.Module | nnx.Param:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ..specs import ChannelAttentionConfig, CrissCrossAttentionConfig, PositionAttentionConfig, SelfAttentionConfig
 from . import kernels
-from ._base import Block
+from ._base import Block, work_dtype
 
 
 class _QKV(Block):
@@ -32,13 +32,14 @@ class _SAGAN(_QKV):
     def __call__(self, x, return_attention: bool = False):
         """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
         x = self.check_input(x)
-        q, k, v = (t.reshape(t.shape[0], 1, -1, t.shape[-1]) for t in self.qkv(x))  # (B, 1, N, c)
+        b, h, w, _ = x.shape
+        q, k, v = (t.reshape(b, 1, h * w, t.shape[-1]) for t in self.qkv(x))  # (B, 1, N, c)
         if self.fast(return_attention):
             attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
         else:
-            attn = kernels.softmax(q @ jnp.swapaxes(k, -1, -2))[:, 0]  # (B, N, N), over keys
+            attn = jax.nn.softmax(kernels.energies(q, k), -1).astype(v.dtype)[:, 0]  # (B, N, N), over keys
             out = attn[:, None] @ v
-        y = self.gamma[...] * out[:, 0].reshape(x.shape) + x
+        y = self.param(self.gamma) * out[:, 0].reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
@@ -76,10 +77,12 @@ class ChannelAttention(Block):
 
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
-        xf = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, N, C)
-        energy = jnp.swapaxes(xf, 1, 2) @ xf
-        attn = jax.nn.softmax(energy.max(-1, keepdims=True) - energy, -1)
-        y = self.gamma[...] * (xf @ jnp.swapaxes(attn, 1, 2)).reshape(x.shape) + x
+        b, h, w, c = x.shape
+        xf = x.reshape(b, h * w, c)  # (B, N, C)
+        wide = xf.astype(work_dtype(xf.dtype))  # the energies feed a softmax: no half-precision rounding
+        energy = jnp.swapaxes(wide, 1, 2) @ wide
+        attn = jax.nn.softmax(energy.max(-1, keepdims=True) - energy, -1).astype(x.dtype)
+        y = self.param(self.gamma) * (xf @ jnp.swapaxes(attn, 1, 2)).reshape(x.shape) + x
         return (y, attn) if return_attention else y
 
 
@@ -99,9 +102,10 @@ class CrissCrossAttention(_QKV):
         itself = jnp.eye(h, dtype=bool)[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
-            e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", q, k))
-            e_row = jnp.einsum("bhwc,bhvc->bhwv", q, k)
-            attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1)
+            qw, kw = q.astype(work_dtype(q.dtype)), k.astype(work_dtype(k.dtype))  # float32 energies
+            e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", qw, kw))
+            e_row = jnp.einsum("bhwc,bhvc->bhwv", qw, kw)
+            attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1).astype(v.dtype)
             out = jnp.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + jnp.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
-            x = self.gamma[...] * out + x
+            x = self.param(self.gamma) * out + x
         return (x, attn) if return_attention else x

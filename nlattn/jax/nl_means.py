@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..specs import FAST_EXP_A, FAST_EXP_BC, NL_MEANS_DISTANCE_CUTOFF, NonLocalMeansConfig
-from ._base import Block
+from ._base import Block, work_dtype
 
 
 def fast_exp(y: jax.Array) -> jax.Array:
@@ -30,16 +30,23 @@ def fast_exp(y: jax.Array) -> jax.Array:
     The value is that staircase exactly; its derivative is the slope of the continuous envelope
     it samples (``nlattn.numpy_ref.nl_means.fast_exp_envelope``), 2**(E − 1023) / ln 2 in the
     binade of exponent E (0 where the value is 0), through a straight-through term
-    ``slope · (y − stop_gradient(y))`` that is exactly 0 in value.
+    ``slope · (y − stop_gradient(y))`` that is exactly 0 in value, and 0 where the value is 0.
+
+    Computed in float32 (or wider) whatever y's dtype: the mantissa 1 + m/2**20 needs 21 bits
+    (float16 has 11: fast_exp(-1) came out 0). y = NaN gives 0, as the reference's bit trick does
+    (its NaN high word is not ≥ 0), and no NaN through the straight-through term.
     """
+    dtype = y.dtype
+    y = y.astype(work_dtype(dtype))
     t = jnp.trunc(FAST_EXP_A * jnp.maximum(y, -1000.0))  # |t| < 2**31: fits an int32
     hi = t.astype(jnp.int32) + FAST_EXP_BC
     exponent = (hi >> 20) - 1023
-    valid = hi >= 0
+    valid = (hi >= 0) & ~jnp.isnan(y)
     mantissa = 1.0 + (hi & 0xFFFFF).astype(y.dtype) / (1 << 20)
     value = jnp.where(valid, jnp.ldexp(mantissa, exponent), 0.0).astype(y.dtype)
     slope = jnp.where(valid, jnp.ldexp(jnp.asarray(1.0 / math.log(2.0), y.dtype), exponent), 0.0)
-    return value + jax.lax.stop_gradient(slope.astype(y.dtype)) * (y - jax.lax.stop_gradient(y))
+    through = jnp.where(valid, jax.lax.stop_gradient(slope.astype(y.dtype)) * (y - jax.lax.stop_gradient(y)), 0.0)
+    return (value + through).astype(dtype)
 
 
 class NonLocalMeans(Block):
@@ -47,7 +54,8 @@ class NonLocalMeans(Block):
 
     Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0. The C channels of one image
     share their patch weights (scikit-image's ``channel_axis``). ``implementation`` is accepted and
-    has no effect (there is one path).
+    has no effect (there is one path). Runs in float32 for bfloat16/float16 inputs (distances,
+    weights and their sums); the output has the input's (or the computation ``dtype``).
     """
 
     config_class = NonLocalMeansConfig
@@ -55,6 +63,10 @@ class NonLocalMeans(Block):
     def __call__(self, x):
         """x (B, H, W, C) -> the filtered image (B, H, W, C)."""
         x = self.check_input(x)
+        return self._filter(x.astype(work_dtype(x.dtype))).astype(x.dtype)
+
+    def _filter(self, x):
+        """The filter of x in its own dtype."""
         cfg = self.spec
         b, height, width, c = x.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2

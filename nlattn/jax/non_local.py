@@ -8,6 +8,8 @@ sorting); ``implementation="naive"`` always forms it in ``relation`` (the readab
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -52,7 +54,7 @@ class _NonLocal(Block):
     def residual(self, x, y):
         """x + BN(W(y)) for y (B, h, N, Cv/h): the heads merged back into (B, *S, Cv) for W."""
         b, *spatial, _ = x.shape
-        z = self.W(jnp.swapaxes(y, 1, 2).reshape(b, *spatial, -1))
+        z = self.W(jnp.swapaxes(y, 1, 2).reshape(b, *spatial, y.shape[1] * y.shape[3]))  # sizes: batch 0
         if self.spec.bn_layer:
             z = self.bn(z)
         return z + x
@@ -81,9 +83,9 @@ class _NonLocal(Block):
         return tuple(self.split_heads(t) for t in (theta, phi, pooled(self.g)))
 
     def split_heads(self, t):
-        """(B, *S, C) -> (B, h, positions, C / h)."""
+        """(B, *S, C) -> (B, h, positions, C / h); explicit sizes, so that batch 0 reshapes too."""
         h = self.spec.num_heads
-        return jnp.swapaxes(t.reshape(t.shape[0], -1, h, t.shape[-1] // h), 1, 2)
+        return jnp.swapaxes(t.reshape(t.shape[0], math.prod(t.shape[1:-1]), h, t.shape[-1] // h), 1, 2)
 
     def relation(self, theta, phi):
         """The relation A (B, h, N, M) of θ (B, h, N, c) and φ (B, h, M, c), materialised."""
@@ -98,11 +100,11 @@ class _NonLocal(Block):
                 ],
                 -1,
             )
-            return jax.nn.relu(pairs @ self.concat_project.kernel[...].reshape(2 * c)) / m
-        f = theta @ jnp.swapaxes(phi, -1, -2)
+            return jax.nn.relu(pairs @ self.param(self.concat_project.kernel).reshape(2 * c)) / m
+        f = kernels.energies(theta, phi)  # float32 for half-precision inputs
         if cfg.scale is not None:
             f = f * cfg.scale
-        return f / m if cfg.mode == "dot_product" else kernels.softmax(f)
+        return (f / m if cfg.mode == "dot_product" else jax.nn.softmax(f, -1)).astype(theta.dtype)
 
     def aggregate(self, theta, phi, g):
         """y = A g (B, h, N, Cv/h) without materialising A."""
@@ -115,7 +117,7 @@ class _NonLocal(Block):
 
     def concat_terms(self, theta, phi):
         """ReLU(w·[θᵢ; φⱼ]) = ReLU(aᵢ + bⱼ): per-query a (B, h, N) and per-key b (B, h, M)."""
-        w = self.concat_project.kernel[...].reshape(-1)
+        w = self.param(self.concat_project.kernel).reshape(-1)
         c = theta.shape[-1]
         return theta @ w[:c], phi @ w[c:]
 

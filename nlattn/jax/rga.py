@@ -55,8 +55,8 @@ class RelationAwareAttention(Block):
         n = h * w
         relations = []
         if cfg.use_spatial:
-            theta = self.theta_spatial(x).reshape(b, n, -1)
-            phi = self.phi_spatial(x).reshape(b, n, -1)
+            theta, phi = self.theta_spatial(x), self.phi_spatial(x)
+            theta, phi = (t.reshape(b, n, t.shape[-1]) for t in (theta, phi))  # (B, N, Ci), sizes: batch 0
             rel = jnp.einsum("bnc,bmc->bnm", theta, phi)  # r(i, j), (B, N, N)
             # each position sees its relations to all (r(i, ·)) and from all (r(·, i)), as channels
             joint = jnp.concatenate([rel, jnp.swapaxes(rel, 1, 2)], -1).reshape(b, h, w, 2 * n)

@@ -22,8 +22,8 @@ class Scale(Block):
         check_float_dtype(self.spec.block, x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
         x = jnp.asarray(x)
         self.spec.check_input_shape(x.shape)
-        return x
+        return x if self.dtype is None else x.astype(self.dtype)
 
     def __call__(self, x):
         x = self.check_input(x)
-        return self.gamma[...] * x
+        return self.param(self.gamma) * x
