@@ -16,6 +16,9 @@ which never forms the N×M relation matrix (query-chunked softmax attention,
 holding blocks (names prefixed by their attribute paths, e.g. ``stage.1.nl.g.weight``).
 Precision follows NNX: ``param_dtype`` (float32) is stored, ``dtype`` computed in, so
 ``dtype=jnp.bfloat16`` alone is mixed precision; energies, softmax and sums over keys run in float32.
+More than one device (``distributed.py``): data parallel under ``nnx.jit`` with a sharded batch, or
+under ``shard_map`` with ``bn_axis_name`` (BatchNorm statistics of the global batch);
+``context_parallel(block, mesh, axis)`` splits one huge input's query positions over devices.
 """
 
 try:
@@ -28,6 +31,7 @@ from ..specs import CONFIGS
 from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
+from .distributed import ContextParallel, context_parallel, convert_sync_batchnorm
 from .evc import ExplicitVisualCenter
 from .nl_means import NonLocalMeans
 from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
@@ -37,4 +41,15 @@ from .scale import Scale
 #: block class name -> Flax class, for every block of the spec
 BLOCKS: dict[str, type[Block]] = {name: globals()[name] for name in CONFIGS}
 
-__all__ = ["BLOCKS", "Block", *BLOCKS, "blocks", "export_weights", "load_weights"]
+__all__ = [
+    "BLOCKS",
+    "Block",
+    *BLOCKS,
+    "blocks",
+    "export_weights",
+    "load_weights",
+    # more than one device (nlattn/jax/distributed.py)
+    "convert_sync_batchnorm",
+    "ContextParallel",
+    "context_parallel",
+]

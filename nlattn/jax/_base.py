@@ -65,8 +65,11 @@ class Block(nnx.Module):
     (the parameters' dtype, default float32). ``dtype=jnp.bfloat16, param_dtype=jnp.float32`` is
     mixed precision. In any dtype the attention cores (energies, softmax, sorted sums, CAM's C×C
     energies, EVC's codeword distances, non-local means) run in float32 (``work_dtype``), and
-    EVC's codebook stays float32. Subclasses set ``config_class`` and create their layers in
-    ``build_layers(make)``.
+    EVC's codebook stays float32. Blocks with BatchNorm layers (``has_batch_norm``: the non-local
+    blocks, RGA, EVC) also take ``bn_axis_name`` (default None), the ``axis_name`` of every
+    ``nnx.BatchNorm`` inside: the mesh axis (``shard_map``) over which training statistics are
+    averaged, for data parallelism (``nlattn.jax.distributed``). Subclasses set ``config_class``
+    and create their layers in ``build_layers(make)``.
 
     Like ``nnx.BatchNorm``, a block with batch norm starts in *training* mode (batch statistics,
     running statistics updated on every call); call ``block.eval()`` for inference with the running
@@ -74,17 +77,22 @@ class Block(nnx.Module):
     """
 
     config_class: ClassVar[type[BlockConfig]]
+    #: whether the block's schema can hold BatchNorm layers (and the block takes ``bn_axis_name``)
+    has_batch_norm: ClassVar[bool] = False
     spec: Any  # an instance of config_class, whose fields the block reads
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "config_class" in cls.__dict__:  # a user-facing block: show the config's keywords
             chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
+            axis = (("bn_axis_name", None),) if cls.has_batch_norm else ()
             cls.__signature__ = config_signature(
-                cls.config_class, *chunk, ("rngs", None), ("dtype", None), ("param_dtype", jnp.float32)
+                cls.config_class, *chunk, ("rngs", None), ("dtype", None), ("param_dtype", jnp.float32), *axis
             )
 
     def __init__(self, *args, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=jnp.float32, **kwargs):
+        # a block without BatchNorm does not take it: an unknown option below
+        bn_axis_name = kwargs.pop("bn_axis_name", None) if self.has_batch_norm else None
         arguments = parse_arguments(self.config_class, args, kwargs, chunked=True)
         self.implementation = arguments.implementation
         if arguments.query_chunk_size is not None:
@@ -93,8 +101,12 @@ class Block(nnx.Module):
         self.spec = self.config_class.from_dict({**arguments.config, **arguments.rest})
         self.param_dtype = jnp.dtype(param_dtype)
         self.dtype = None if dtype is None else jnp.dtype(dtype)
+        if self.has_batch_norm:
+            self.bn_axis_name = bn_axis_name
         rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.build_layers(functools.partial(make, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
+        self.build_layers(
+            functools.partial(make, rngs=rngs, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name)
+        )
 
     def build_layers(self, make) -> None:
         """Create the block's layers as attributes named after the schema (``self.theta = ...``)."""
@@ -154,9 +166,12 @@ def max_pool(
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, *window, 1), (1, *(stride or window), 1), pads)
 
 
-def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> nnx.Module | nnx.Param:
+def make(
+    layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, bn_axis_name=None
+) -> nnx.Module | nnx.Param:
     """The Flax layer of a schema layer, initialised as the spec says (Flax's init otherwise);
-    conv rank follows the kernel. ``Block`` passes its ``rngs``, ``dtype`` and ``param_dtype``."""
+    conv rank follows the kernel. ``Block`` passes its ``rngs``, ``dtype``, ``param_dtype`` and
+    ``bn_axis_name`` (BatchNorm's ``axis_name``)."""
     common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     zeros = jax.nn.initializers.zeros
     init: dict[str, Any]
@@ -181,6 +196,7 @@ def make(layer: Layer, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -
             momentum=1.0 - layer.momentum,
             epsilon=layer.eps,
             use_fast_variance=False,
+            axis_name=bn_axis_name,
             **init,
             **common,
         )

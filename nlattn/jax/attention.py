@@ -32,15 +32,30 @@ class _SAGAN(_QKV):
     def __call__(self, x, return_attention: bool = False):
         """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
         x = self.check_input(x)
+        q, k, v = self.embed(x)  # (B, 1, N, c)
+        if self.fast(return_attention):  # the N×N map is never stored
+            return self.residual(x, self.aggregate(q, k, v))
+        attn = self.relation(q, k)  # (B, 1, N, N)
+        out = self.residual(x, attn @ v)
+        return (out, attn[:, 0]) if return_attention else out
+
+    def embed(self, x):
+        """Q, K (B, 1, N, C/qk_ratio) and V (B, 1, N, C): one head, positions flattened row-major
+        (explicit sizes, so that batch 0 reshapes too)."""
         b, h, w, _ = x.shape
-        q, k, v = (t.reshape(b, 1, h * w, t.shape[-1]) for t in self.qkv(x))  # (B, 1, N, c)
-        if self.fast(return_attention):
-            attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
-        else:
-            attn = jax.nn.softmax(kernels.energies(q, k), -1).astype(v.dtype)[:, 0]  # (B, N, N), over keys
-            out = attn[:, None] @ v
-        y = self.param(self.gamma) * out[:, 0].reshape(x.shape) + x
-        return (y, attn) if return_attention else y
+        return tuple(t.reshape(b, 1, h * w, t.shape[-1]) for t in self.qkv(x))
+
+    def relation(self, q, k):
+        """softmax over the keys of Q Kᵀ (B, 1, N, M), materialised."""
+        return jax.nn.softmax(kernels.energies(q, k), -1).astype(q.dtype)
+
+    def aggregate(self, q, k, v):
+        """softmax(Q Kᵀ) V (B, 1, N, C) without the N×M map, ``query_chunk_size`` queries at a time."""
+        return kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
+
+    def residual(self, x, y):
+        """γ·y + x, y (B, 1, N, C) laid out as x (B, H, W, C)."""
+        return self.param(self.gamma) * y[:, 0].reshape(x.shape) + x
 
 
 class SelfAttention(_SAGAN):

@@ -26,6 +26,8 @@ class _NonLocal(Block):
     Starts as the identity: BN γ = β = 0 (W = 0 without BN), as AlexHex7 initialises it.
     """
 
+    has_batch_norm = True  # bn (with bn_layer)
+
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
         self.g = make(L["g"])
