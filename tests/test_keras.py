@@ -8,6 +8,7 @@ every framework alike in tests/test_blocks.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -26,7 +27,7 @@ from conftest import ONE_CASE_PER_BLOCK
 from nlattn import ConfigError, InputError, WeightError
 from nlattn.conformance.runner import error
 from nlattn.numpy_ref import run as reference
-from nlattn.specs import random_weights, tensors
+from nlattn.specs import BatchNorm, random_weights, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "v0.1"
@@ -484,6 +485,121 @@ def test_keras_names_have_no_dots_and_weight_paths_are_unique(block):
 
 
 # ---------------------------------------------------------------------------------------------
+# data parallelism: the synchronized keyword, SAGAN's split (the distributed steps themselves:
+# tests/test_keras_distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+#: the blocks whose schema can hold BatchNorm layers, which take ``synchronized``
+SYNC_BLOCKS = sorted(b for b in ONE if nk.BLOCKS[b].has_batch_norm)
+
+
+def test_synchronized_is_a_keyword_of_the_blocks_with_batchnorm():
+    assert SYNC_BLOCKS == sorted(b for b, case in ONE_CASE_PER_BLOCK.items() if case.has_batchnorm)
+    for block, (config, _) in ONE.items():
+        cls = nk.BLOCKS[block]
+        params = inspect.signature(cls).parameters
+        assert ("synchronized" in params) == cls.has_batch_norm, block
+        if cls.has_batch_norm:
+            assert params["synchronized"].default is False and not cls(**config).synchronized
+        else:
+            with pytest.raises(ConfigError, match=f"{block}: unknown option.*synchronized"):
+                cls(**config, synchronized=True)
+            with pytest.raises(ConfigError, match=f"{block} has no BatchNorm"):
+                cls(**config).synchronized = True
+    with pytest.raises(ConfigError, match="NonLocalBlock2D: synchronized must be a bool, got 'True'"):
+        nk.NonLocalBlock2D(8, synchronized="True")
+
+
+def check_synchronized_on_this_backend() -> None:
+    """tensorflow: every BatchNorm gets Keras' ``synchronized=True`` (moments all-reduced over
+    the replicas); jax: accepted, Keras' own flag left False (Keras refuses it there, and
+    ``keras.distribution`` normalises with the global batch's moments anyway); torch: refused,
+    Keras has no data-parallel engine there. Run on every backend
+    (``test_unknown_sizes_on_the_other_backends``)."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        with pytest.raises(ConfigError, match="NonLocalBlock2D: synchronized=True needs the tensorflow backend"):
+            nk.NonLocalBlock2D(8, synchronized=True)
+        layer = nk.NonLocalBlock2D(8)
+        with pytest.raises(ConfigError, match="synchronized=True needs"):
+            layer.synchronized = True
+        assert not layer.synchronized and not nk.convert_sync_batchnorm(layer, synchronized=False).synchronized
+        return
+    layer = nk.ExplicitVisualCenter(8, num_codes=4, synchronized=True)
+    bns = layer.batch_norms()
+    assert len(bns) == 9 and all(bn.synchronized == (backend == "tensorflow") for bn in bns)
+    x = np.random.default_rng(0).normal(size=(2, 5, 6, 8)).astype(np.float32)
+    assert as_np(layer(x, training=True)).shape == x.shape
+
+
+def test_synchronized_on_tensorflow():
+    check_synchronized_on_this_backend()
+
+
+@pytest.mark.parametrize("block", SYNC_BLOCKS)
+def test_synchronized_reaches_every_batchnorm_and_the_config(block):
+    """Every BatchNorm of the schema is synchronised (also when set after build); the config
+    keeps the flag. Outside a strategy (one replica) the step is the unsynchronised one."""
+    config, shape = ONE[block]
+    layer, w = build(block, config, synchronized=True, dtype="float64")
+    n = sum(isinstance(t, BatchNorm) for t in layer.spec.schema())
+    assert n == len(layer.batch_norms()) > 0 and all(bn.synchronized for bn in layer.batch_norms())
+    cfg = layer.get_config()
+    assert cfg["synchronized"] is True and type(layer).from_config(cfg).synchronized
+    plain, _ = build(block, config, dtype="float64")
+    assert plain.get_config()["synchronized"] is False
+    x = channels_last(rand(shape))
+    assert error(as_np(layer(x, training=True)), as_np(plain(x, training=True))) <= 1e-12
+    ours, theirs = nk.export_weights(layer), nk.export_weights(plain)
+    assert all(error(ours[k], theirs[k]) <= 1e-12 for k in ours)  # the running statistics too
+    plain.synchronized = True  # once built: the BatchNorms follow
+    assert all(bn.synchronized for bn in plain.batch_norms())
+    plain.synchronized = False
+    assert not any(bn.synchronized for bn in plain.batch_norms())
+
+
+def test_convert_sync_batchnorm_sets_every_block_of_a_model_and_keeps_it(tmp_path):
+    model = _nested_model()
+    x = rand((2, 4, 5, 8)).astype(np.float32)
+    before, want = nk.export_weights(model), as_np(model(x))
+    assert nk.convert_sync_batchnorm(model) is model
+    found = dict(nk.blocks(model))
+    assert [p for p, b in found.items() if b.synchronized] == ["nl1", "stage2.nl"]  # not SelfAttention
+    assert all(bn.synchronized for b in found.values() if b.has_batch_norm for bn in b.batch_norms())
+    after = nk.export_weights(model)
+    assert list(after) == list(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    assert np.array_equal(as_np(model(x)), want)  # inference: the running statistics
+    path = str(tmp_path / "synchronised.keras")
+    model.save(path)
+    loaded = dict(nk.blocks(keras.models.load_model(path)))
+    assert loaded["stage2.nl"].synchronized and loaded["stage2.nl"].batch_norms()[0].synchronized
+    nk.convert_sync_batchnorm(model, synchronized=False)
+    assert not any(b.synchronized for b in found.values())
+    lazy = nk.NonLocalBlock2D()  # in_channels from the input: not built yet, and not built here
+    assert nk.convert_sync_batchnorm(lazy).synchronized and not lazy.built
+    lazy(x)
+    assert lazy.batch_norms()[0].synchronized
+
+
+@pytest.mark.parametrize("block", ["SelfAttention", "PositionAttention"])
+def test_sagan_blocks_split_into_embed_relation_aggregate_residual(block):
+    """As the non-local block (and torch's SAGAN/PAM): Q, K, V (B, 1, N, c); the relation (B, 1,
+    N, N); the aggregation without it; the gated residual."""
+    config, shape = ONE[block]
+    layer, _ = build(block, config, dtype="float64")
+    x = keras.ops.convert_to_tensor(channels_last(rand(shape)))
+    want = as_np(layer(x))
+    q, k, v = layer.embed(x)
+    n, c = shape[2] * shape[3], shape[1]
+    assert tuple(q.shape) == tuple(k.shape) == (shape[0], 1, n, c // config.get("qk_ratio", 8))
+    assert tuple(v.shape) == (shape[0], 1, n, c)
+    relation = layer.relation(q, k)
+    assert tuple(relation.shape) == (shape[0], 1, n, n)
+    assert error(as_np(layer.residual(x, layer.aggregate(q, k, v))), want) <= 1e-12
+    assert error(as_np(layer.residual(x, keras.ops.matmul(relation, v))), want) <= 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
 # packaging and the other Keras backends
 # ---------------------------------------------------------------------------------------------
 
@@ -545,7 +661,8 @@ def test_conformance_cli_on_the_other_backends(backend):
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_unknown_sizes_on_the_other_backends(backend, tmp_path):
     """``check_unknown_sizes`` for every block with KERAS_BACKEND=jax / torch: symbolic sizes are
-    jax's shape-polymorphic dimensions there, and torch's meta tensors."""
+    jax's shape-polymorphic dimensions there, and torch's meta tensors; and
+    ``check_synchronized_on_this_backend``."""
     code = (
         "import sys, keras\n"
         "sys.path.insert(0, 'tests')\n"
@@ -553,6 +670,7 @@ def test_unknown_sizes_on_the_other_backends(backend, tmp_path):
         f"assert keras.backend.backend() == {backend!r}\n"
         "for block in sorted(t.ONE):\n"
         f"    t.check_unknown_sizes(block, {str(tmp_path)!r})\n"
+        "t.check_synchronized_on_this_backend()\n"
         "print('ok')"
     )
     r = subprocess.run(

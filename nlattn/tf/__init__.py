@@ -11,7 +11,9 @@ unknown (``keras.Input((None, None, C))``; RGA needs its fixed (H, W)). Keras dt
 honoured (``dtype="bfloat16"``, ``"mixed_float16"``, ...): energies, softmax, sorted sums and EVC's
 codebook (kept float32) run in float32. ``export_weights`` /
 ``load_weights`` take a layer, or a model containing layers (names prefixed by the layer path,
-e.g. ``"stage2.nl.theta.weight"``; docs/design.md §3).
+e.g. ``"stage2.nl.theta.weight"``; docs/design.md §3). Data-parallel training (``tf.distribute``
+on tensorflow, ``keras.distribution`` on jax) with the global batch's BatchNorm statistics:
+``synchronized=True`` or ``convert_sync_batchnorm(model)`` (``nlattn.tf.distributed``).
 
     from nlattn.tf import NonLocalBlock2D, export_weights, load_weights
     layer = NonLocalBlock2D(mode="dot_product")            # (B, H, W, C) in, (B, H, W, C) out
@@ -28,6 +30,7 @@ from ..specs import CONFIGS
 from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
+from .distributed import convert_sync_batchnorm
 from .evc import ExplicitVisualCenter
 from .nl_means import NonLocalMeans
 from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
@@ -37,4 +40,13 @@ from .scale import Scale
 #: block class name -> Keras class, for every block of the spec
 BLOCKS: dict[str, type[Block]] = {name: globals()[name] for name in CONFIGS}
 
-__all__ = ["BLOCKS", "Block", *BLOCKS, "blocks", "export_weights", "load_weights"]
+__all__ = [
+    "BLOCKS",
+    "Block",
+    *BLOCKS,
+    "blocks",
+    "export_weights",
+    "load_weights",
+    # more than one device (nlattn/tf/distributed.py)
+    "convert_sync_batchnorm",
+]

@@ -121,22 +121,30 @@ class Block(keras.layers.Layer):
     blocks whose fast path is softmax attention (``spec.query_chunked``) also take
     ``query_chunk_size`` (queries per step). ``data_format`` is None (``keras.config.
     image_data_format()``), "channels_last" or "channels_first"; the other keywords are Keras's
-    (``name``, ``dtype``, ...). Subclasses set ``config_class``, create their layers in
-    ``build_layers(make)`` and compute in ``call_channels_last(x, training, return_attention)``.
+    (``name``, ``dtype``, ...). Blocks with BatchNorm layers (``has_batch_norm``: the non-local
+    blocks, RGA, EVC) also take ``synchronized=False``: True gives their BatchNorms the statistics
+    of the global batch under data parallelism (``nlattn.tf.distributed``). Subclasses set
+    ``config_class``, create their layers in ``build_layers(make)`` and compute in
+    ``call_channels_last(x, training, return_attention)``.
     """
 
     config_class: ClassVar[type[BlockConfig]]
+    #: whether the block's schema can hold BatchNorm layers (and the block takes ``synchronized``)
+    has_batch_norm: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "config_class" in cls.__dict__:  # a user-facing block: show the config's keywords
             chunk = (("query_chunk_size", DEFAULT_QUERY_CHUNK_SIZE),) if cls.config_class.query_chunked else ()
+            sync = (("synchronized", False),) if cls.has_batch_norm else ()
             cls.__signature__ = config_signature(
-                cls.config_class, *chunk, ("data_format", None), ("name", None), ("dtype", None)
+                cls.config_class, *chunk, ("data_format", None), *sync, ("name", None), ("dtype", None)
             )
 
     def __init__(self, *args, data_format=None, **kwargs):
         cls = self.config_class
+        # a block without BatchNorm does not take it: an unknown option below
+        synchronized = kwargs.pop("synchronized", False) if self.has_batch_norm else False
         arguments = parse_arguments(cls, args, kwargs, chunked=True)
         fields = dataclasses.fields(cls)
         unknown = sorted(set(arguments.rest) - LAYER_KEYWORDS)
@@ -157,6 +165,7 @@ class Block(keras.layers.Layer):
         if arguments.query_chunk_size is not None:
             self.query_chunk_size = arguments.query_chunk_size
         self.data_format = standardize_data_format(cls.block, data_format)
+        self._synchronized = check_synchronized(cls.block, synchronized)
         self._config = arguments.config
         # the spec is built now when it can be, else in build() from the input's channel count
         field = cls.__dataclass_fields__.get("in_channels")
@@ -175,6 +184,30 @@ class Block(keras.layers.Layer):
                 "in_channels=..., or call or build the layer on an input first"
             )
         return self._spec
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether the block's BatchNorms normalise with the global batch's statistics under data
+        parallelism (``nlattn.tf.distributed``); settable, also once the layer is built (before a
+        model is compiled or traced: a traced step keeps the statistics it was traced with)."""
+        return self._synchronized
+
+    @synchronized.setter
+    def synchronized(self, value) -> None:
+        if not self.has_batch_norm:
+            raise ConfigError(f"{self.config_class.block} has no BatchNorm to synchronise")
+        self._synchronized = check_synchronized(self.config_class.block, value)
+        if self.built:
+            for bn in self.batch_norms():
+                bn.synchronized = keras_synchronized(self._synchronized)
+
+    def batch_norms(self) -> list[keras.layers.BatchNormalization]:
+        """The block's BatchNorm layers (built), in schema order."""
+        from ..weights.access import walk
+
+        if not self.built:
+            self.build(self.default_input_shape())
+        return [walk(self, layer_name(layer)) for layer in self.spec.schema() if isinstance(layer, BatchNorm)]
 
     def build_layers(self, make) -> None:
         """Create the block's layers as attributes named after the schema (``self.theta = ...``)."""
@@ -226,7 +259,7 @@ class Block(keras.layers.Layer):
                 )
             self._spec = cls.from_dict({**self._config, "in_channels": channels})
         self.check_shape(shape)
-        self.build_layers(functools.partial(make, dtype=self.dtype_policy))
+        self.build_layers(functools.partial(make, dtype=self.dtype_policy, synchronized=self._synchronized))
 
     def call(self, x, training=None, return_attention=False):
         """x (B, *S, C) or (B, C, *S) -> the same shape [, the attention map]: the checks and the
@@ -265,13 +298,36 @@ class Block(keras.layers.Layer):
     def get_config(self):
         config = self._spec.to_dict() if self._spec is not None else dict(self._config)
         chunk = {"query_chunk_size": self.query_chunk_size} if self.config_class.query_chunked else {}
+        sync = {"synchronized": self._synchronized} if self.has_batch_norm else {}
         return {
             **super().get_config(),
             **config,
             "data_format": self.data_format,
             "implementation": self.implementation,
             **chunk,
+            **sync,
         }
+
+
+def check_synchronized(block: str, value) -> bool:
+    """``synchronized`` as a bool; a ConfigError for a non-bool, and for True on a backend whose
+    Keras has no data parallelism to synchronise over (torch)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{block}: synchronized must be a bool, got {value!r}")
+    if value and keras.backend.backend() not in ("tensorflow", "jax"):
+        raise ConfigError(
+            f"{block}: synchronized=True needs the tensorflow backend (tf.distribute) or jax "
+            f"(keras.distribution); Keras on {keras.backend.backend()} has no data-parallel engine"
+        )
+    return value
+
+
+def keras_synchronized(synchronized: bool) -> bool:
+    """The ``synchronized`` flag a Keras BatchNormalization gets: Keras implements it on tensorflow
+    (an all-reduce of the batch moments over the replicas of a ``tf.distribute`` strategy). On jax
+    ``keras.distribution`` compiles one program over the global batch, whose moments are always
+    the global batch's: synchronised either way, and Keras refuses the flag there."""
+    return synchronized and keras.backend.backend() == "tensorflow"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,11 +368,14 @@ class GroupNormNd(keras.layers.GroupNormalization):
         self.input_spec = None
 
 
-def make(layer: Layer, *, dtype=None, wide: bool = False) -> keras.layers.Layer | keras.Variable:
+def make(
+    layer: Layer, *, dtype=None, wide: bool = False, synchronized: bool = False
+) -> keras.layers.Layer | keras.Variable:
     """The Keras layer (built) or variable of a schema layer, initialised as the spec says (Keras's
     init otherwise), named after its canonical prefix; conv rank follows the kernel. A ``Gate``
-    becomes a ``Scale`` layer. ``Block.build`` passes its dtype policy. ``wide``: a ``Param`` kept
-    in float32 (or wider) and never autocast, whatever the policy (EVC's codebook)."""
+    becomes a ``Scale`` layer. ``Block.build`` passes its dtype policy and ``synchronized`` (for
+    BatchNorms). ``wide``: a ``Param`` kept in float32 (or wider) and never autocast, whatever the
+    policy (EVC's codebook)."""
     name = keras_name(layer_name(layer))
     if isinstance(layer, Gate):
         from .scale import Scale
@@ -355,7 +414,15 @@ def make(layer: Layer, *, dtype=None, wide: bool = False) -> keras.layers.Layer 
     elif isinstance(layer, BatchNorm):
         init = dict(gamma_initializer="zeros", beta_initializer="zeros") if zero else {}
         # Keras momentum is the weight of the old running value: torch 0.1 == Keras 0.9
-        module = BatchNormNd(axis=-1, epsilon=layer.eps, momentum=1.0 - layer.momentum, name=name, dtype=dtype, **init)
+        module = BatchNormNd(
+            axis=-1,
+            epsilon=layer.eps,
+            momentum=1.0 - layer.momentum,
+            synchronized=keras_synchronized(synchronized),
+            name=name,
+            dtype=dtype,
+            **init,
+        )
         module.build((None, layer.num_features))
     elif isinstance(layer, Dense):
         module = keras.layers.Dense(layer.out_features, use_bias=layer.bias, name=name, dtype=dtype)

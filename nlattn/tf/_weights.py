@@ -45,34 +45,40 @@ def _children(layer) -> list:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
+def find_blocks(model) -> list[tuple[str, Block]]:
+    """(path, block) of every outermost nlattn layer of a Keras layer or model, as they are (built
+    or not); a TypeError when there is none."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"expected a Keras layer or model, got {type(model).__name__}")
+    if isinstance(model, Block):
+        return [("", model)]
+    found: list[tuple[str, Block]] = []
+    seen: set[int] = set()
+
+    def visit(layer, path):
+        for child in _children(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_path = f"{path}.{child.name}" if path else child.name
+            if isinstance(child, Block):
+                found.append((child_path, child))
+            else:
+                visit(child, child_path)
+
+    visit(model, "")
+    if not found:
+        raise TypeError(f"{type(model).__name__} {model.name!r} contains no nlattn layer")
+    return found
+
+
 class KerasWeights(WeightAccess):
     channels_last = True
 
     def blocks(self, model):
         """(path, block) of every outermost nlattn layer, each built (from its default input shape
         if it has not been called yet)."""
-        if not isinstance(model, keras.layers.Layer):
-            raise TypeError(f"expected a Keras layer or model, got {type(model).__name__}")
-        if isinstance(model, Block):
-            ensure_built(model)
-            return [("", model)]
-        found: list[tuple[str, Block]] = []
-        seen: set[int] = set()
-
-        def visit(layer, path):
-            for child in _children(layer):
-                if id(child) in seen:
-                    continue
-                seen.add(id(child))
-                child_path = f"{path}.{child.name}" if path else child.name
-                if isinstance(child, Block):
-                    found.append((child_path, child))
-                else:
-                    visit(child, child_path)
-
-        visit(model, "")
-        if not found:
-            raise TypeError(f"{type(model).__name__} {model.name!r} contains no nlattn layer")
+        found = find_blocks(model)
         for _, block in found:
             ensure_built(block)
         return found

@@ -32,14 +32,30 @@ class _SAGAN(_QKV):
 
     def call_channels_last(self, x, training, return_attention):
         """x (B, H, W, C) -> γ·out + x (B, H, W, C) [, attention (B, N, N), rows are queries]."""
-        q, k, v = (flat(t)[:, None] for t in self.qkv(x))  # (B, 1, N, c)
-        if self.fast(return_attention):
-            attn, out = None, kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
-        else:
-            attn = ops.cast(ops.softmax(kernels.energies(q, k)), x.dtype)[:, 0]  # (B, N, N), over keys
-            out = ops.matmul(attn[:, None], v)
-        y = self.gamma(ops.reshape(out[:, 0], ops.shape(x))) + x
-        return (y, attn) if return_attention else y
+        q, k, v = self.embed(x)  # (B, 1, N, c)
+        if self.fast(return_attention):  # the N×N map is never stored
+            return self.residual(x, self.aggregate(q, k, v), training)
+        attn = self.relation(q, k)  # (B, 1, N, N)
+        y = self.residual(x, ops.matmul(attn, v), training)
+        return (y, attn[:, 0]) if return_attention else y
+
+    def embed(self, x):
+        """Q, K (B, 1, N, C/qk_ratio) and V (B, 1, N, C): one head, positions flattened row-major."""
+        return tuple(flat(t)[:, None] for t in self.qkv(x))
+
+    def relation(self, q, k):
+        """softmax over the keys of Q Kᵀ (B, 1, N, N), materialised (energies and softmax in
+        float32 for half-precision inputs)."""
+        return ops.cast(ops.softmax(kernels.energies(q, k)), q.dtype)
+
+    def aggregate(self, q, k, v):
+        """softmax(Q Kᵀ) V (B, 1, N, C) without the N×N map, ``query_chunk_size`` queries a step."""
+        return kernels.softmax_attention(q, k, v, query_chunk_size=self.query_chunk_size)
+
+    def residual(self, x, y, training=False):
+        """γ·y + x, y (B, 1, N, C) laid out as x (B, H, W, C) (``training`` as the non-local
+        block's residual takes it; no layer here depends on it)."""
+        return self.gamma(ops.reshape(y[:, 0], ops.shape(x))) + x
 
 
 @keras.saving.register_keras_serializable(package="nlattn")

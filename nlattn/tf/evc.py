@@ -168,6 +168,7 @@ class ExplicitVisualCenter(Block):
     """
 
     config_class = ExplicitVisualCenterConfig
+    has_batch_norm = True
 
     def build_layers(self, make):
         L = self.spec.layers()

@@ -25,6 +25,8 @@ class _NonLocal(Block):
     AlexHex7 initialises it.
     """
 
+    has_batch_norm = True  # bn (with bn_layer)
+
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
         self.g = make(L["g"])

@@ -21,6 +21,7 @@ class RelationAwareAttention(Block):
     """
 
     config_class = RelationAwareAttentionConfig
+    has_batch_norm = True
 
     def build_layers(self, make):
         cfg, L = self.spec, self.spec.layers()
