@@ -41,7 +41,8 @@ RelationAwareAttention, ExplicitVisualCenter), kept by ``get_config`` and ``.ker
 
 Use ``model.fit`` (or ``strategy.run``) for a distributed step: under a tf.distribute strategy
 ``train_on_batch`` gives every replica the whole batch. Context parallelism (one huge input split
-over devices) is ``nlattn.torch.context_parallel``; Keras has no counterpart.
+over devices) is ``nlattn.torch.context_parallel`` and ``nlattn.jax.context_parallel``; Keras has
+no counterpart.
 """
 
 from __future__ import annotations
