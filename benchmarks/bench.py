@@ -41,7 +41,11 @@ BLOCKS = {
     "sagan": ("SelfAttention", {}),
     "pam": ("PositionAttention", {}),
     "cca": ("CrissCrossAttention", {}),
+    # a video clip, T×H×W (the sweep's --video shape); not in the default block list
+    "embedded_gaussian_3d": ("NonLocalBlock3D", {"mode": "embedded_gaussian"}),
 }
+#: blocks of the default table (the 3D block needs a T×H×W shape, the sweep gives it one)
+TABLE_BLOCKS = [b for b in BLOCKS if not b.endswith("_3d")]
 #: benchmark framework name -> (modules that must be importable, nlattn subpackage)
 FRAMEWORKS = {
     "torch": (("torch",), "torch"),
@@ -183,6 +187,7 @@ class PeakRSS:
 
 def _build(framework, block, c, size, impl, w, train=False):
     """(call, to_numpy): call() runs the block once on a fixed input and returns when it is done.
+    ``size``: H = W, or the spatial shape as a tuple (T, H, W for a 3D block).
 
     ``train``: a training step instead, train mode (batch statistics) and the gradients of
     sum(output) with respect to the input and every parameter; call() returns the input's.
@@ -190,7 +195,8 @@ def _build(framework, block, c, size, impl, w, train=False):
     import nlattn
 
     cls, kw = BLOCKS[block]
-    x = np.random.default_rng(1).standard_normal((1, c, size, size), dtype=np.float32)
+    spatial = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    x = np.random.default_rng(1).standard_normal((1, c, *spatial), dtype=np.float32)
     if framework == "torch":
         import torch
 
@@ -341,11 +347,11 @@ def run_child(job):
             [sys.executable, os.path.abspath(__file__), "--_one", json.dumps(job)],
             capture_output=True,
             text=True,
-            timeout=CHILD_TIMEOUT_S,
+            timeout=job.get("timeout", CHILD_TIMEOUT_S),
             env=env,
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+        return {"error": f"timed out after {job.get('timeout', CHILD_TIMEOUT_S)} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
         return json.loads(lines[-1])
@@ -429,7 +435,7 @@ def main(argv=None):
     p.add_argument(
         "--framework", nargs="+", choices=list(FRAMEWORKS), default=None, help="default: every installed framework"
     )
-    p.add_argument("--block", nargs="+", choices=list(BLOCKS), default=list(BLOCKS))
+    p.add_argument("--block", nargs="+", choices=list(BLOCKS), default=None, help="default: every 2D block")
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="H = W (default 16 32 64 128)")
     p.add_argument("--channels", type=int, default=None, help="C (default 256)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement (median)")
@@ -441,9 +447,25 @@ def main(argv=None):
     )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--_one", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="scaling sweep (sizes default 32 64 128 192 256, plus --video for the 3D block), forward and "
+        "training step: writes benchmarks/sweep.md and sweep.png (see --sweep-out)",
+    )
+    p.add_argument("--video", nargs=3, type=int, default=[8, 112, 112], metavar=("T", "H", "W"), help="sweep: 3D shape")
+    p.add_argument(
+        "--timeout", type=float, default=CHILD_TIMEOUT_S, help="seconds per measurement (a timeout is a cell)"
+    )
+    p.add_argument("--sweep-out", default=None, help="sweep: path stem of the .md and .png (default benchmarks/sweep)")
     args = p.parse_args(argv)
     if args._one is not None:
         return child_main(args._one)
+    if args.sweep:
+        return sweep_main(args, argv)
+    args.block = args.block or TABLE_BLOCKS
+    if any(b not in TABLE_BLOCKS for b in args.block):
+        p.error("the 3D block runs in --sweep only (at the --video shape)")
     sizes = args.sizes or ([16, 32] if args.quick else [16, 32, 64, 128])
     c = args.channels or (64 if args.quick else 256)
     frameworks = args.framework or [f for f in FRAMEWORKS if installed(f)]
@@ -470,6 +492,7 @@ def main(argv=None):
                 "repeat": args.repeat,
                 "check": check,
                 "train": args.train,
+                "timeout": args.timeout,
             }
             results[fw, block, size, impl] = run_child(job)
         progress.step(f"{fw} {block} {size or ''} {impl or ''}")
@@ -499,6 +522,176 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+
+
+# --- the scaling sweep: N from 32² to 256² and a video clip, a table and a plot ---------------------
+
+#: sweep defaults: H = W per side, and the blocks (one per family; --block chooses others)
+SWEEP_SIZES = [32, 64, 128, 192, 256]
+SWEEP_BLOCKS = ["embedded_gaussian", "sagan", "cca", "embedded_gaussian_3d"]
+
+
+def naive_bytes(block, spatial, c, train):
+    """What the naive path must hold at once, in bytes (float32): the N×M relation and its softmax
+    (their gradients too in a training step; the concatenation mode's N·M·2Ci pair tensor), or
+    None for blocks whose naive path stores no N×M tensor (CCNet's maps are N·(H+W))."""
+    cls, kw = BLOCKS[block]
+    n = int(np.prod(spatial))
+    if cls == "CrissCrossAttention":
+        return None
+    if cls in ("SelfAttention", "PositionAttention"):
+        m, width = n, 1
+    else:
+        window = (1, 2, 2) if len(spatial) == 3 else (2,) * len(spatial)
+        m = int(np.prod([s // p for s, p in zip(spatial, window)])) if kw.get("sub_sample", True) else n
+        width = 2 * (c // 2) if kw["mode"] == "concatenation" else 1
+    return n * m * width * 4 * (2 if train else 1) * 2  # relation + its softmax (+ gradients)
+
+
+def sweep_skip_reason(block, spatial, c, train):
+    """Why the naive side of a sweep point is not run (its N×M tensors exceed half the RAM), or None."""
+    if len(spatial) == 2 and spatial[0] == spatial[1] and block == "concatenation":
+        reason = naive_skip_reason(block, spatial[0], c)
+        if reason:
+            return reason
+    need = naive_bytes(block, spatial, c, train)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need is not None and need > ram / 2:
+        return f"naive skipped: needs ~{need / 2**30:.0f} GiB of N×M tensors, RAM {ram / 2**30:.0f} GiB"
+    return None
+
+
+def sweep_points(blocks, sizes, video):
+    """(block, spatial shape) of every sweep point: the 3D block at the video shape only."""
+    return [(b, (tuple(video),) if b.endswith("_3d") else tuple((s, s) for s in sizes)) for b in blocks]
+
+
+def sweep_main(args, argv):
+    """Run the sweep: one child per (framework, block, shape, mode, implementation)."""
+    sizes = args.sizes or SWEEP_SIZES
+    c = args.channels or 256
+    frameworks = args.framework or [f for f in FRAMEWORKS if installed(f)]
+    blocks = args.block or SWEEP_BLOCKS
+    modes = ["train"] if args.train else ["forward", "train"]
+    points = [(b, sp) for b, shapes in sweep_points(blocks, sizes, args.video) for sp in shapes]
+    jobs = [
+        (fw, b, sp, mode, impl) for fw in frameworks for b, sp in points for mode in modes for impl in ("naive", "auto")
+    ]
+    progress, results = Progress(len(jobs)), {}
+    for fw, block, spatial, mode, impl in jobs:
+        reason = sweep_skip_reason(block, spatial, c, mode == "train") if impl == "naive" else None
+        if reason:
+            results[fw, block, spatial, mode, impl] = {"skipped": reason}
+        else:
+            job = {
+                "framework": fw,
+                "block": block,
+                "size": list(spatial),
+                "channels": c,
+                "impl": impl,
+                "repeat": args.repeat,
+                "check": False,
+                "train": mode == "train",
+                "timeout": args.timeout,
+            }
+            results[fw, block, spatial, mode, impl] = run_child(job)
+        progress.step(f"{fw} {block} {'×'.join(map(str, spatial))} {mode} {impl}")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    header = (
+        f"nlattn scaling sweep — {datetime.date.today()}, {machine()}, batch 1, float32, C = {c}, "
+        f"median of {args.repeat}, one process per measurement, timeout {args.timeout:g} s\n"
+        f"command: python benchmarks/bench.py {command}".rstrip()
+    )
+    rows = sweep_rows(results)
+    stem = args.sweep_out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep")
+    text = write_sweep_table(stem + ".md", header, rows)
+    sys.stdout.write(text)
+    write_sweep_plot(stem + ".png", rows)
+
+
+def sweep_rows(results):
+    """One dict per (framework, block, shape, mode) from the measurements (naive, fast)."""
+    rows = []
+    for (fw, block, spatial, mode, impl), fast in results.items():
+        if impl != "auto":
+            continue
+        naive = results[fw, block, spatial, mode, "naive"]
+        row = {"framework": fw, "block": block, "shape": spatial, "n": int(np.prod(spatial)), "mode": mode}
+        for side, r in (("naive", naive), ("fast", fast)):
+            ok = "ms" in r
+            row[side + "_ms"] = r["ms"] if ok else None
+            row[side + "_mib"] = r["peak_mib"] if ok else None
+            row[side + "_note"] = None if ok else r.get("skipped") or _error(r)
+        rows.append(row)
+    return rows
+
+
+def write_sweep_table(path, header, rows):
+    """The sweep as one markdown table (ratios fast/naive); returns its text."""
+    lines = [
+        header,
+        "",
+        "| framework | block | shape | N | step | naive ms | fast ms | time fast/naive | naive peak MiB | "
+        "fast peak MiB | memory fast/naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        both = r["naive_ms"] is not None and r["fast_ms"] is not None
+        mem = r["fast_mib"] / r["naive_mib"] if both and r["naive_mib"] > 0 else None
+        cells = [
+            r["framework"],
+            r["block"],
+            "×".join(map(str, r["shape"])),
+            str(r["n"]),
+            r["mode"],
+            r["naive_note"] or _cell(r["naive_ms"], ".1f"),
+            r["fast_note"] or _cell(r["fast_ms"], ".1f"),
+            _cell(r["fast_ms"] / r["naive_ms"] if both else None, ".3f"),
+            _cell(r["naive_mib"], ".1f"),
+            _cell(r["fast_mib"], ".1f"),
+            _cell(mem, ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def write_sweep_plot(path, rows):
+    """Time and peak memory against N, log-log: one row of panels per (block, step), one colour
+    per framework, naive dashed, fast solid; skipped or failed points are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the file is the output
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["block"], r["mode"]) for r in rows))
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    colours = {fw: f"C{i}" for i, fw in enumerate(frameworks)}
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3 * len(panels)), squeeze=False)
+    for (block, mode), (ax_t, ax_m) in zip(panels, axes):
+        for fw in frameworks:
+            mine = sorted(
+                (r for r in rows if (r["block"], r["mode"], r["framework"]) == (block, mode, fw)), key=lambda r: r["n"]
+            )
+            for side, style in (("naive", "--"), ("fast", "-")):
+                for ax, key in ((ax_t, side + "_ms"), (ax_m, side + "_mib")):
+                    pts = [(r["n"], r[key]) for r in mine if r[key] is not None and r[key] > 0]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", color=colours[fw], label=f"{fw} {side}")
+        for ax, what in ((ax_t, "time (ms)"), (ax_m, "peak memory (MiB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("N (positions)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{block}, {mode}")
+            ax.grid(True, which="both", alpha=0.3)
+        if ax_t.get_legend_handles_labels()[0]:
+            ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ def __getattr__(name):
         from . import weights
 
         return getattr(weights, name)
+    if name == "gates":  # {name: γ} of every residual gate in a model of any framework
+        from .info import gates
+
+        return gates
     raise AttributeError(f"module 'nlattn' has no attribute {name!r}")
 
 
@@ -32,6 +36,7 @@ __all__ = [
     "WeightError",
     "__version__",
     "config_class",
+    "gates",
     "make_config",
     *_WEIGHTS_API,
 ]

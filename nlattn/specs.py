@@ -33,6 +33,7 @@ from .errors import ConfigError, InputError, WeightError
 KINDS = (
     "conv_kernel",
     "conv_bias",
+    "conv_g",  # a weight-normalised conv's magnitude g (out, 1, ..., 1); its direction v is a conv_kernel
     "dense_kernel",
     "dense_bias",
     "bn_weight",
@@ -60,6 +61,19 @@ class Tensor:
     kind: str
 
 
+#: where torch's ``parametrizations.weight_norm`` keeps a conv's magnitude g and direction v
+WEIGHT_NORM_G = "parametrizations.weight.original0"
+WEIGHT_NORM_V = "parametrizations.weight.original1"
+
+
+def weight_norm_kernel(g, v) -> np.ndarray:
+    """The kernel g·v/‖v‖ of a weight-normalised conv in float64: v (out, in, *k), g (out, 1, ..., 1)
+    or (out,); ‖v‖ per output channel (torch's ``dim=0``). The reference and the importers' fold."""
+    v = np.asarray(v, np.float64)
+    norm = np.sqrt(np.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
+    return np.asarray(g, np.float64).reshape(norm.shape) * (v / norm)
+
+
 @dataclass(frozen=True)
 class Conv:
     """Convolution, ``weight`` (out, in/groups, *kernel_size) and optional ``bias`` (out,)."""
@@ -72,13 +86,18 @@ class Conv:
     groups: int = 1
     padding: tuple[int, ...] | None = None  # None: no padding ("valid")
     zero_init: bool = False  # kernel and bias start at 0 (else the framework's init)
+    #: trained as g·v/‖v‖ (``weight_norm_kernel``), under the names torch's
+    #: ``parametrizations.weight_norm(dim=0)`` gives g and v; ``zero_init`` then zeroes g and the
+    #: bias and leaves v at the framework's init (a zero v would make the kernel 0/0)
+    weight_norm: bool = False
 
     def tensors(self) -> Iterator[Tensor]:
-        yield Tensor(
-            f"{self.prefix}.weight",
-            (self.out_channels, self.in_channels // self.groups, *self.kernel_size),
-            "conv_kernel",
-        )
+        kernel = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        if self.weight_norm:
+            yield Tensor(f"{self.prefix}.{WEIGHT_NORM_G}", (self.out_channels,) + (1,) * (len(kernel) - 1), "conv_g")
+            yield Tensor(f"{self.prefix}.{WEIGHT_NORM_V}", kernel, "conv_kernel")
+        else:
+            yield Tensor(f"{self.prefix}.weight", kernel, "conv_kernel")
         if self.bias:
             yield Tensor(f"{self.prefix}.bias", (self.out_channels,), "conv_bias")
 
@@ -233,6 +252,9 @@ def random_weights(schema: Sequence[Layer], rng) -> dict[str, np.ndarray]:
         if isinstance(layer, Conv):
             fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
             for t in layer.tensors():
+                if t.kind == "conv_g":  # a magnitude near a kernel's norm, either sign
+                    out[t.name] = rng.uniform(0.5, 1.5, t.shape) * rng.choice([-1.0, 1.0], t.shape)
+                    continue
                 std = 1.0 / math.sqrt(fan_in) if t.kind == "conv_kernel" else 0.1
                 out[t.name] = rng.normal(0.0, std, t.shape)
         elif isinstance(layer, Dense):
@@ -485,6 +507,8 @@ class NonLocalConfig(BlockConfig):
     ``inter_channels`` defaults to ``max(in_channels // 2, 1)``; ``value_channels`` (the width of g,
     defaults to ``inter_channels``) and ``share_query_key`` (φ reuses θ's conv) give the
     super-resolution variant. ``pool_first`` pools x before the φ/g convs (Caffe2 official code).
+    ``weight_norm`` trains θ, φ, g and W as g·v/‖v‖ (weight normalisation, as the super-resolution
+    variant publishes it, usually with ``bn_layer=False``); ``concat_project`` stays plain.
     """
 
     in_channels: int
@@ -499,6 +523,7 @@ class NonLocalConfig(BlockConfig):
     value_channels: int | None = None
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
+    weight_norm: bool = False
 
     attention: ClassVar[str] = "(B, N, M), or (B, heads, N, M) with num_heads > 1"
     fast_path: ClassVar[bool] = True
@@ -548,15 +573,16 @@ class NonLocalConfig(BlockConfig):
     def schema(self):
         k = (1,) * self.spatial_dims
         c, ci, cv = self.in_channels, self.inter, self.value_width
-        layers: list[Layer] = [Conv("g", c, cv, k)]
+        wn = self.weight_norm
+        layers: list[Layer] = [Conv("g", c, cv, k, weight_norm=wn)]
         if self.mode != "gaussian":
-            layers.append(Conv("theta", c, ci, k))
+            layers.append(Conv("theta", c, ci, k, weight_norm=wn))
             if not self.share_query_key:
-                layers.append(Conv("phi", c, ci, k))
+                layers.append(Conv("phi", c, ci, k, weight_norm=wn))
         if self.mode == "concatenation":
             layers.append(Conv("concat_project", 2 * ci, 1, (1, 1), bias=False))
         # the block starts as the identity: its last affine layer starts at zero (AlexHex7)
-        layers.append(Conv("W", cv, c, k, zero_init=not self.bn_layer))
+        layers.append(Conv("W", cv, c, k, zero_init=not self.bn_layer, weight_norm=wn))
         if self.bn_layer:
             layers.append(BatchNorm("bn", c, self.bn_eps, self.bn_momentum, zero_init=True))
         return tuple(layers)
@@ -844,10 +870,13 @@ FAST_EXP_BC = 1072632447  # 1023·2**20 − 60801 (the min-RMS-error variant)
 
 @dataclass(frozen=True)
 class NonLocalMeansConfig(BlockConfig):
-    """Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False); no weights.
+    """Classical non-local means (scikit-image ``denoise_nl_means``); no weights.
 
     Input (B, C, H, W); the C channels of one image share their patch weights, like scikit-image's
     ``channel_axis``. ``sigma`` is the noise standard deviation subtracted in the patch distance.
+    ``fast_mode`` picks scikit-image's algorithm: False (nlattn's default, unchanged since 0.1) the
+    pixelwise one with Gaussian patch weights; True its integral-image one (uniform weights, which
+    is scikit-image's own default). The two are different filters (see ``nlattn.numpy_ref.nl_means``).
     """
 
     block: ClassVar[str] = "NonLocalMeans"
@@ -855,6 +884,7 @@ class NonLocalMeansConfig(BlockConfig):
     patch_distance: int = 11
     h: float = 0.1
     sigma: float = 0.0
+    fast_mode: bool = False
 
     def validate(self):
         b = self.block
@@ -885,6 +915,38 @@ class NonLocalMeansConfig(BlockConfig):
         # same grouping as scikit-image: w *= 1 / (C * sum(w) * h * h)
         return w * (1.0 / (n_channels * np.sum(w) * self.h * self.h))
 
+    def separable_kernel(self, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (s,), cols (s,)) float64 with outer(rows, cols) = ``patch_kernel`` up to rounding.
+
+        The Gaussian is separable: a patch distance is s taps along a row, then s along a column
+        (2s multiply-adds per candidate instead of s²), which the frameworks use.
+        """
+        s = self.patch_size
+        if s == 1:
+            g = np.ones(1)
+        else:
+            a = (s - 1.0) / 4.0
+            r = np.arange(-(s // 2), s // 2 + 1, dtype=np.float64)
+            g = np.exp(-(r * r) / (2 * a * a))
+        return g * (1.0 / (n_channels * np.sum(g) ** 2 * self.h * self.h)), g
+
+    def fast_mode_scale(self, n_channels: int) -> float:
+        """fast_mode's distance divisor C·h²·s², multiplied in scikit-image's order."""
+        return n_channels * self.h * self.h * self.patch_size * self.patch_size
+
+    def half_window(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The search offsets (di, dj) up to sign, grouped by row: (0, 0 … d), then (di, −d … d)
+        for di = 1 … d. Both algorithms' weights are symmetric, w(R, u) = w(R + u, −u) with the
+        same terms summed in the same order, so each is computed once and given to both pixels
+        (u = (0, 0) only to the pixel itself)."""
+        d = self.patch_distance
+        return tuple((di, tuple(range(-d if di else 0, d + 1))) for di in range(d + 1))
+
+    @property
+    def fast_mode_pad(self) -> int:
+        """fast_mode's reflect padding: patch radius + search radius + 1 (scikit-image's)."""
+        return self.patch_size // 2 + self.patch_distance + 1
+
     def check_spatial(self, spatial):
         super().check_spatial(spatial)
         # reflect padding by patch_size // 2 needs more than that many pixels on each side
@@ -910,6 +972,181 @@ class ScaleConfig(BlockConfig):
             raise InputError(f"{self.block}: expected an input of rank >= 1, got shape {tuple(shape)}")
 
 
+# --- GCNet global context and the disentangled non-local block -------------------------------------
+
+GC_POOLINGS = ("att", "avg")
+GC_ROUNDINGS = ("mmcv", "timm")
+
+
+@dataclass(frozen=True)
+class GlobalContextConfig(BlockConfig):
+    """GCNet global context block (Cao et al. 2019); names follow OpenMMLab's ``ContextBlock``.
+
+    One query-independent context per image: c = Σⱼ aⱼ xⱼ with a = softmax over positions of
+    ``conv_mask`` (C→1, bias) for ``pooling_type="att"``, the mean over positions for "avg". Each
+    fusion branch transforms c by conv C→C' → LayerNorm over (C', 1, 1) → ReLU → conv C'→C, and
+    out = x · σ(mul branch) + add branch (``channel_mul`` / ``channel_add``, at least one).
+
+    C' (``inter``) is ``inter_channels`` when given (timm's ``rd_channels``), else from ``ratio``:
+    ``rounding="mmcv"`` takes int(C·ratio) (``ContextBlock``); "timm" takes timm's
+    make_divisible(C·ratio, divisor, round_limit=0) = max(divisor, ⌊C·ratio + divisor/2⌋ rounded
+    down to a multiple of divisor) (``GlobalContext``, ``rd_divisor``). At a 1×1 context mmcv's
+    ``LayerNorm([C', 1, 1])`` and timm's ``LayerNorm2d`` are the same normalisation; nlattn keeps it
+    as a one-group GroupNorm with flat (C',) affine weights (mmcv stores (C', 1, 1)); ``ln_eps`` is
+    1e-5 (mmcv's nn.LayerNorm), timm's LayerNorm2d uses 1e-6.
+
+    ``zero_init_last``: mmcv's init, the last conv (kernel and bias) of every fusion branch at 0,
+    so an add-only block starts as the identity (a mul branch starts as x·σ(0) = x/2). timm zeroes
+    only ``mlp_add.fc2.weight``; False leaves every conv to the framework's init. mmcv's and timm's
+    Kaiming-normal ``conv_mask`` init is not reproduced (the framework's conv init is used).
+    """
+
+    block: ClassVar[str] = "GlobalContext"
+    attention: ClassVar[str] = "(B, N): the pooling weights over positions, one map per image (1/N for avg pooling)"
+    in_channels: int
+    ratio: float = 1.0 / 16
+    pooling_type: str = "att"
+    channel_add: bool = True
+    channel_mul: bool = False
+    inter_channels: int | None = None
+    rounding: str = "mmcv"
+    divisor: int = 1
+    ln_eps: float = 1e-5
+    zero_init_last: bool = True
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "in_channels", self.in_channels)
+        if not self.ratio > 0:
+            _fail(b, f"ratio must be a positive number, got {self.ratio!r}")
+        if self.pooling_type not in GC_POOLINGS:
+            _fail(b, f"pooling_type must be one of {GC_POOLINGS}, got {self.pooling_type!r}")
+        if not (self.channel_add or self.channel_mul):
+            _fail(b, "at least one of channel_add and channel_mul must be True (a fusion is needed)")
+        if self.rounding not in GC_ROUNDINGS:
+            _fail(b, f"rounding must be one of {GC_ROUNDINGS}, got {self.rounding!r}")
+        _positive_int(b, "divisor", self.divisor)
+        if self.rounding == "mmcv" and self.divisor != 1:
+            _fail(b, f"divisor={self.divisor} applies to rounding='timm' only (mmcv takes int(C·ratio))")
+        if self.inter_channels is not None:
+            _positive_int(b, "inter_channels", self.inter_channels)
+        elif self.inter < 1:
+            _fail(
+                b,
+                f"int(in_channels * ratio) = int({self.in_channels} * {self.ratio}) = 0 transform channels; "
+                "choose a larger ratio or give inter_channels",
+            )
+
+    @property
+    def inter(self) -> int:
+        """C', the transform's width."""
+        if self.inter_channels is not None:
+            return self.inter_channels
+        v = self.in_channels * self.ratio
+        if self.rounding == "mmcv":
+            return int(v)
+        d = self.divisor
+        return max(d, int(v + d / 2) // d * d)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The fusion branches' canonical prefixes, in the published module's order."""
+        return tuple(
+            p for p, on in (("channel_add_conv", self.channel_add), ("channel_mul_conv", self.channel_mul)) if on
+        )
+
+    def schema(self):
+        c, ci = self.in_channels, self.inter
+        layers: list[Layer] = []
+        if self.pooling_type == "att":
+            layers.append(Conv("conv_mask", c, 1, (1, 1)))
+        for p in self.branches:  # Sequential(conv, LayerNorm, ReLU, conv): indices 0, 1, 3
+            layers += [
+                Conv(f"{p}.0", c, ci, (1, 1)),
+                GroupNorm(f"{p}.1", ci, 1, self.ln_eps),
+                Conv(f"{p}.3", ci, c, (1, 1), zero_init=self.zero_init_last),
+            ]
+        return tuple(layers)
+
+
+@dataclass(frozen=True)
+class DisentangledNonLocalConfig(BlockConfig):
+    """Disentangled non-local block (Yin et al. 2020, DNLNet), as OpenMMLab's DNL head computes it.
+
+    A whitened pairwise term and a unary term: θ, φ, g = 1×1 convs (C→Ci, bias); θ̃, φ̃ = θ, φ
+    minus their means over positions; A = softmax_j(s·θ̃ᵢ·φ̃ⱼ / temperature) with s = Ci^-½ if
+    ``use_scale`` (else 1); y = A g; m = softmax over positions of ``conv_mask`` (C→1, bias),
+    u = Σⱼ mⱼ gⱼ (one Ci-vector per image); out = x + BN(W(y)) + BN(W(u)), u broadcast over
+    positions. The same W and BN are applied to both terms, as the published code does: in
+    training the BN normalises each term by its own batch statistics (u's over the batch only)
+    and updates its running statistics twice per call, first with y's, then with u's.
+
+    Weight names are the non-local block's (``g``, ``theta``, ``phi``, ``W``, ``bn``) plus
+    ``conv_mask``. No sub-sampling: the published block pools nothing (its unary term sums m over
+    the N positions against g, so its keys cannot be pooled). Starts as the identity (BN γ = β = 0,
+    or W = 0 without BN), as mmcv's NonLocal initialises it.
+    """
+
+    in_channels: int
+    inter_channels: int | None = None
+    temperature: float = 0.05
+    use_scale: bool = True
+    bn_layer: bool = True
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    attention: ClassVar[str] = "(B, N, N): the whitened pairwise softmax (the unary term is not in it)"
+    fast_path: ClassVar[bool] = True
+    query_chunked: ClassVar[bool] = True
+
+    def validate(self):
+        b = self.block
+        _positive_int(b, "in_channels", self.in_channels)
+        if self.inter_channels is not None:
+            _positive_int(b, "inter_channels", self.inter_channels)
+        if not self.temperature > 0:
+            _fail(b, f"temperature must be a positive number, got {self.temperature!r}")
+
+    @property
+    def inter(self) -> int:
+        return self.inter_channels if self.inter_channels is not None else max(self.in_channels // 2, 1)
+
+    @property
+    def energy_scale(self) -> float:
+        """What multiplies θ̃ᵢ·φ̃ⱼ before the softmax: (Ci^-½ if use_scale) / temperature."""
+        return (self.inter**-0.5 if self.use_scale else 1.0) / self.temperature
+
+    def schema(self):
+        k = (1,) * self.spatial_dims
+        c, ci = self.in_channels, self.inter
+        return (
+            Conv("g", c, ci, k),
+            Conv("theta", c, ci, k),
+            Conv("phi", c, ci, k),
+            Conv("conv_mask", c, 1, k),
+            Conv("W", ci, c, k, zero_init=not self.bn_layer),
+            *((BatchNorm("bn", c, self.bn_eps, self.bn_momentum, zero_init=True),) if self.bn_layer else ()),
+        )
+
+
+@dataclass(frozen=True)
+class DisentangledNonLocal1DConfig(DisentangledNonLocalConfig):
+    block: ClassVar[str] = "DisentangledNonLocal1D"
+    spatial_dims: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class DisentangledNonLocal2DConfig(DisentangledNonLocalConfig):
+    block: ClassVar[str] = "DisentangledNonLocal2D"
+    spatial_dims: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class DisentangledNonLocal3DConfig(DisentangledNonLocalConfig):
+    block: ClassVar[str] = "DisentangledNonLocal3D"
+    spatial_dims: ClassVar[int] = 3
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
@@ -928,6 +1165,10 @@ CONFIGS: dict[str, type[BlockConfig]] = {
         ExplicitVisualCenterConfig,
         NonLocalMeansConfig,
         ScaleConfig,
+        GlobalContextConfig,
+        DisentangledNonLocal1DConfig,
+        DisentangledNonLocal2DConfig,
+        DisentangledNonLocal3DConfig,
     )
 }
 

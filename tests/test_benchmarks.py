@@ -81,3 +81,42 @@ def test_naive_concatenation_is_skipped_where_its_pair_tensor_cannot_fit(bench):
     assert bench.naive_skip_reason("concatenation", 16, 256) is None
     assert "pair tensor too large" in bench.naive_skip_reason("concatenation", 1024, 256)
     assert bench.naive_skip_reason("sagan", 1024, 256) is None
+
+
+def test_sweep_writes_a_table_and_a_plot(bench, monkeypatch, tmp_path):
+    """--sweep end to end at tiny sizes, in this process: one row per (block, shape, step), numbers
+    in every cell that was run, and a PNG."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(bench, "run_child", bench.measure)
+    stem = tmp_path / "sweep"
+    bench.main(
+        ["--sweep", "--framework", "torch", "--block", "dot_product", "embedded_gaussian_3d", "--sizes", "8", "16"]
+        + ["--video", "2", "8", "8", "--channels", "16", "--repeat", "1", "--sweep-out", str(stem)]
+    )
+    rows = parse_tables("### torch\n" + stem.with_suffix(".md").read_text())["torch"]
+    got = [(r["block"], r["shape"], r["N"], r["step"]) for r in rows]
+    assert got == [
+        ("dot_product", "8×8", "64", "forward"),
+        ("dot_product", "8×8", "64", "train"),
+        ("dot_product", "16×16", "256", "forward"),
+        ("dot_product", "16×16", "256", "train"),
+        ("embedded_gaussian_3d", "2×8×8", "128", "forward"),
+        ("embedded_gaussian_3d", "2×8×8", "128", "train"),
+    ]
+    for r in rows:
+        float(r["naive ms"]), float(r["fast ms"]), float(r["time fast/naive"]), float(r["fast peak MiB"])
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_skips_naive_points_whose_relation_cannot_fit(bench):
+    ram = bench.os.sysconf("SC_PAGE_SIZE") * bench.os.sysconf("SC_PHYS_PAGES")
+    # SAGAN at 256² materialises 65536² float32 (16 GiB) twice, four times in a training step
+    assert bench.naive_bytes("sagan", (256, 256), 256, True) == 4 * 65536**2 * 4
+    assert bench.naive_bytes("embedded_gaussian", (8, 8), 16, False) == 2 * 64 * 16 * 4
+    assert bench.naive_bytes("embedded_gaussian_3d", (2, 8, 8), 16, False) == 2 * 128 * 32 * 4
+    assert bench.naive_bytes("cca", (256, 256), 256, True) is None
+    assert bench.sweep_skip_reason("sagan", (16, 16), 256, True) is None
+    huge = int((ram / 8) ** 0.25) + 2  # side whose N² float32 relation, held four times, exceeds half the RAM
+    assert "naive skipped" in bench.sweep_skip_reason("sagan", (huge, huge), 256, True)
+    assert "pair tensor too large" in bench.sweep_skip_reason("concatenation", (1024, 1024), 256, False)

@@ -17,6 +17,7 @@ from flax import nnx, serialization
 
 import nlattn
 import nlattn.jax as nj
+from conftest import ONE_CASE_PER_BLOCK
 from nlattn import WeightError
 from nlattn.conformance import CASES
 from nlattn.conformance.runner import error
@@ -56,7 +57,9 @@ def test_conformance_shapes_run_several_query_chunks():
 # one real (published-init) block of every class
 # ----------------------------------------------------------------------------------------------
 
-CONFIGS = {
+#: blocks named here run on SHAPES with options chosen for a second look; any other block takes its
+#: first catalogue case's config and shape, so a new block joins every test below with no edit here
+CHOSEN = {
     "NonLocalBlock1D": dict(in_channels=8),
     "NonLocalBlock2D": dict(in_channels=8, mode="concatenation"),
     "NonLocalBlock3D": dict(in_channels=8, mode="dot_product", bn_layer=False),
@@ -68,8 +71,13 @@ CONFIGS = {
     "ExplicitVisualCenter": dict(in_channels=8, num_codes=4, mlp_ratio=1),
     "NonLocalMeans": dict(patch_size=3, patch_distance=1, h=0.5),
     "Scale": dict(init=0.5),
+    "GlobalContext": dict(in_channels=8, ratio=0.5, channel_mul=True),
+    "DisentangledNonLocal1D": dict(in_channels=8),
+    "DisentangledNonLocal2D": dict(in_channels=8, bn_layer=False, use_scale=False),
+    "DisentangledNonLocal3D": dict(in_channels=8, temperature=0.5),
 }
 SHAPES = {1: (2, 7, 8), 2: (2, 3, 4, 8), 3: (2, 2, 3, 4, 8)}  # channels-last
+CONFIGS = {name: CHOSEN.get(name, case.config) for name, case in ONE_CASE_PER_BLOCK.items()}
 assert set(CONFIGS) == set(nj.BLOCKS)
 
 
@@ -83,8 +91,16 @@ def spec_of(name):
     return make_config(name, **CONFIGS[name])
 
 
+def shape_of(name):
+    """The channels-last input shape of a block of ``CONFIGS``."""
+    if name in CHOSEN:
+        return SHAPES[spec_of(name).spatial_dims]
+    b, c, *spatial = ONE_CASE_PER_BLOCK[name].shape
+    return (b, *spatial, c)
+
+
 def input_of(name, seed=0):
-    shape = SHAPES[spec_of(name).spatial_dims]
+    shape = shape_of(name)
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
@@ -317,7 +333,11 @@ def test_kernels_equal_the_materialised_relations():
 FAST = [
     ("NonLocalBlock2D", dict(in_channels=4, mode=m))
     for m in ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
-] + [("SelfAttention", dict(in_channels=4, qk_ratio=2)), ("PositionAttention", dict(in_channels=4, qk_ratio=4))]
+] + [
+    ("SelfAttention", dict(in_channels=4, qk_ratio=2)),
+    ("PositionAttention", dict(in_channels=4, qk_ratio=4)),
+    ("DisentangledNonLocal2D", dict(in_channels=4)),
+]
 
 
 def _intermediate_shapes(fn, *args):
@@ -377,7 +397,7 @@ def traced(name, **dtypes):
     block = nnx.eval_shape(lambda: nj.BLOCKS[name](**CONFIGS[name], **dtypes, rngs=rngs()))
     block.eval()
     graphdef, state = nnx.split(block)
-    x = jax.ShapeDtypeStruct(SHAPES[spec_of(name).spatial_dims], jnp.float32)
+    x = jax.ShapeDtypeStruct(shape_of(name), jnp.float32)
     attention = spec_of(name).attention is not None
     jaxpr = jax.make_jaxpr(lambda s, x: _outputs(nnx.merge(graphdef, s), x, False))(state, x)
     outs = [v.dtype.name for v in jaxpr.out_avals]
@@ -455,3 +475,86 @@ def test_conformance_columns_of_half_precision():
     mixed = FlaxMixedAdapter().build("SelfAttention", CONFIGS["SelfAttention"], "float16")
     assert whole.dtype == whole.param_dtype == mixed.dtype == jnp.float16 and mixed.param_dtype == jnp.float32
     assert whole.query_conv.kernel[...].dtype == jnp.float16 and mixed.query_conv.kernel[...].dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# training-grade fast paths: the chunked softmax attention's custom VJP (probabilities recomputed
+# chunk by chunk from the saved log-sum-exp) against the materialised gradient, and no N×M
+# array anywhere in the gradient, stacked loop residuals included
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_attention_gradient_equals_the_materialised_one(dtype):
+    """dq, dk, dv for a random cotangent: two heads, c = 3 ≠ cv = 5, 11 queries in chunks of 4
+    (ragged last; scale 0.5) or in one (no scale), against the VJP of softmax(s·q kᵀ) v formed in float64."""
+    r = np.random.default_rng(0)
+    q, k = (r.normal(size=(2, 2, n, 3)) for n in (11, 7))
+    v, d_out = r.normal(size=(2, 2, 7, 5)), r.normal(size=(2, 2, 11, 5))
+    tol = {"float32": TOL, "float64": 1e-9}[dtype]
+    with jax.enable_x64(True):
+        for scale, chunk in ((0.5, 4), (None, 64)):
+            formed = lambda q, k, v, s=scale: jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) * (s or 1.0)) @ v
+            want = jax.vjp(formed, q, k, v)[1](d_out)
+            args = [jnp.asarray(t, dtype) for t in (q, k, v)]
+            fast = lambda q, k, v, s=scale, c=chunk: kernels.softmax_attention(q, k, v, s, query_chunk_size=c)
+            got = jax.jit(lambda *a, f=fast: jax.vjp(f, *a)[1](jnp.asarray(d_out, dtype)))(*args)
+            for g, w in zip(got, want):
+                assert g.dtype == dtype and error(g, w) <= tol, (scale, chunk)
+
+
+TRAINED = FAST + [
+    ("NonLocalBlock2D", dict(in_channels=4, mode="gaussian", num_heads=2, scale=0.3)),
+    ("NonLocalBlock2D", dict(in_channels=4, num_heads=2, share_query_key=True, value_channels=4)),
+]
+
+
+def _random_block(name, config, **kw):
+    block = nj.BLOCKS[name](**config, **kw, rngs=rngs())
+    nlattn.load_weights(block, random_weights(make_config(name, **config).schema(), np.random.default_rng(0)))
+    return block
+
+
+def test_fast_path_gradients_equal_the_naive_paths():
+    """Input and parameter gradients of sin-summed outputs, fast (query chunks of 16: 143
+    queries, a ragged last chunk) against naive, in float64 (in float32 a parameter the output
+    barely depends on has a gradient of round-off only). Two heads, θ = φ shared, a scale,
+    c ≠ cv; every catalogue case's gradients are conformance-checked against the reference as
+    well (tests/test_blocks.py)."""
+    config = dict(in_channels=4, num_heads=2, share_query_key=True, value_channels=4, scale=0.3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 11, 13, 4)))
+        grads = []
+        for impl in ("auto", "naive"):
+            f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+            block = _random_block("NonLocalBlock2D", config, implementation=impl, query_chunk_size=16, **f64)
+            block.eval()
+            grad = nnx.jit(nnx.grad(lambda block, x: jnp.sum(jnp.sin(block(x))), argnums=(0, 1)))
+            grads.append(jax.tree.leaves(grad(block, x)))
+    assert len(grads[0]) == len(grads[1]) > 2
+    for fast, naive in zip(*grads):
+        assert fast.dtype == jnp.float64 and error(fast, naive) <= 1e-9
+
+
+def _largest_intermediate(fn, *args):
+    """The element count of the largest value the traced ``fn`` computes (loop bodies included;
+    a loop's stacked outputs are one value)."""
+    return max(int(np.prod(s)) for s in _intermediate_shapes(fn, *args))
+
+
+@pytest.mark.parametrize("name,config", TRAINED, ids=[f"{n}-{c.get('mode', '')}-{len(c)}" for n, c in TRAINED])
+def test_fast_path_gradient_holds_nothing_as_large_as_the_relation(name, config):
+    """N = 143 queries, M = 30 keys (pooled) or 143, chunks of 16: nothing in the forward or the
+    gradient has N·M elements on the fast path (not the relation, not its chunks stacked by a
+    loop to save them for the backward pass); the naive path has."""
+    x = jnp.ones((1, 11, 13, 4))
+    relation = 143 * (30 if name.startswith("NonLocal") else 143)
+    largest = {}
+    for impl in ("naive", "auto"):
+        block = nnx.eval_shape(lambda impl=impl: nj.BLOCKS[name](**config, implementation=impl, query_chunk_size=16))
+        block.train()
+        graphdef, state = nnx.split(block)
+        grad = jax.grad(lambda s, x, g=graphdef: jnp.sum(nnx.merge(g, s)(x)), argnums=(0, 1))
+        largest[impl] = _largest_intermediate(grad, state, x)
+    assert largest["naive"] >= relation
+    assert largest["auto"] < relation / 4, largest

@@ -32,6 +32,9 @@ from nlattn import ConfigError
 from nlattn.conformance.runner import TOLERANCE
 from nlattn.numpy_ref import run as reference
 
+# one xdist worker runs the whole module: its module-scoped fixture starts the device processes once
+pytestmark = pytest.mark.xdist_group("flax_distributed")
+
 WORKER = Path(__file__).with_name("flax_distributed_worker.py")
 BATCH_NORM_BLOCKS = [b for b, c in ONE_CASE_PER_BLOCK.items() if c.has_batchnorm] + ["SelfAttention"]
 DEVICES = 4

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from nlattn import ConfigError, WeightError, from_checkpoint, make_config
+from nlattn.cli import main
 from nlattn.numpy_ref import run
-from nlattn.specs import random_weights, tensors
-from nlattn.weights import SOURCES, WeightFileError
+from nlattn.specs import WEIGHT_NORM_G, WEIGHT_NORM_V, random_weights, tensors
+from nlattn.weights import SOURCES, WeightFileError, load_file
 
 TOL = 1e-9  # float64 reference vs float64 transcription of the same float32 weights
 
@@ -152,7 +153,7 @@ def cam_forward(x, gamma):
     return f64(gamma) * (attention @ q).reshape(x.shape) + x
 
 
-def ccnet_forward(x, sd, p, recurrence):
+def ccnet_forward(x, sd, p, recurrence, gamma="gamma"):
     """Criss-cross attention, pixel by pixel: column (self excluded) + row (self included)."""
     for _ in range(recurrence):
         q = conv1x1(x, sd[p + "query_conv.weight"], sd[p + "query_conv.bias"])
@@ -167,7 +168,7 @@ def ccnet_forward(x, sd, p, recurrence):
                     e = np.array([q[n, :, i, j] @ k[n, :, r, c] for r, c in keys])
                     a = softmax(e)
                     out[n, :, i, j] = sum(ai * v[n, :, r, c] for ai, (r, c) in zip(a, keys))
-        x = f64(sd[p + "gamma"]) * out + x
+        x = f64(sd[p + gamma]) * out + x
     return x
 
 
@@ -413,7 +414,7 @@ def test_several_blocks_need_a_prefix():
 def test_unknown_source():
     with pytest.raises(ValueError, match="unknown checkpoint source 'keras'"):
         from_checkpoint({}, "keras")
-    assert set(SOURCES) == {"alexhex7", "caffe2", "timm", "danet", "sagan", "ccnet", "rga", "cfpnet"}
+    assert set(SOURCES) == {"alexhex7", "caffe2", "timm", "danet", "sagan", "ccnet", "rga", "cfpnet", "mmcv", "mmseg"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,3 +756,413 @@ def test_truncated_pt_checkpoint(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightFileError, match="cut.pth"):
         from_checkpoint(str(path), "alexhex7")
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenMMLab: mmcv modules and mmsegmentation decode heads
+# ----------------------------------------------------------------------------------------------
+
+
+def mmcv_nonlocal_forward(x, sd, p, mode="embedded_gaussian", use_scale=True, temperature=None):
+    """mmcv _NonLocalNd.forward (and mmseg DisentangledNonLocal2d.forward with ``temperature``)."""
+    b, nd = x.shape[0], x.ndim - 2
+    sub = p + "g.0.conv.weight" in sd
+    pool = (lambda t: max_pool(t, (1, 2, 2) if nd == 3 else (2,) * nd)) if sub else (lambda t: t)
+    k = "0.conv" if sub else "conv"
+
+    def conv(name, t):
+        return conv1x1(t, sd[f"{p}{name}.weight"], sd.get(f"{p}{name}.bias"))
+
+    g = pool(conv(f"g.{k}", x))
+    g = g.reshape(b, g.shape[1], -1)
+    if mode == "gaussian":
+        theta, phi = x.reshape(b, x.shape[1], -1), pool(x).reshape(b, x.shape[1], -1)
+    else:
+        theta = conv("theta.conv", x).reshape(b, g.shape[1], -1)
+        phi = pool(conv(f"phi.{k}", x)).reshape(b, g.shape[1], -1)
+    if temperature is not None:  # whitened: means over positions removed
+        theta = theta - theta.mean(-1, keepdims=True)
+        phi = phi - phi.mean(-1, keepdims=True)
+    m = phi.shape[-1]
+    if mode == "concatenation":
+        w = f64(sd[p + "concat_project.conv.weight"]).reshape(-1)
+        ci = theta.shape[1]
+        f = np.maximum(
+            np.einsum("c,bcn->bn", w[:ci], theta)[:, :, None] + np.einsum("c,bcm->bm", w[ci:], phi)[:, None], 0
+        )
+        f = f / m
+    elif mode == "dot_product":
+        f = np.einsum("bcn,bcm->bnm", theta, phi) / m
+    else:
+        f = np.einsum("bcn,bcm->bnm", theta, phi)
+        if use_scale and mode == "embedded_gaussian":
+            f = f / theta.shape[1] ** 0.5
+        f = softmax(f / (temperature or 1.0))
+    y = np.einsum("bnm,bcm->bcn", f, g).reshape(b, -1, *x.shape[2:])
+
+    def conv_out(t):
+        t = conv("conv_out.conv", t)
+        return batch_norm(t, sd, p + "conv_out.bn.", 1e-5) if p + "conv_out.bn.weight" in sd else t
+
+    out = x + conv_out(y)
+    if temperature is not None:  # the unary term, through the same conv_out
+        mask = softmax(conv1x1(x, sd[p + "conv_mask.weight"], sd[p + "conv_mask.bias"]).reshape(b, 1, -1))
+        u = np.einsum("bm,bcm->bc", mask[:, 0], g).reshape(b, -1, *(1,) * nd)
+        out = out + conv_out(u)
+    return out
+
+
+def context_forward(x, sd, p, timm=False):
+    """mmcv ContextBlock.forward / timm GlobalContext.forward (ReLU, sigmoid gate)."""
+    b, c, h, w = x.shape
+    mask, add, mul = (
+        ("conv_attn", "mlp_add", "mlp_scale") if timm else ("conv_mask", "channel_add_conv", "channel_mul_conv")
+    )
+    fc1, norm, fc2 = ("fc1", "norm", "fc2") if timm else ("0", "1", "3")
+    eps = 1e-6 if timm else 1e-5
+    if p + mask + ".weight" in sd:
+        a = softmax(conv1x1(x, sd[f"{p}{mask}.weight"], sd[f"{p}{mask}.bias"]).reshape(b, h * w))
+        context = np.einsum("bcn,bn->bc", x.reshape(b, c, -1), a).reshape(b, c, 1, 1)
+    else:
+        context = x.mean(axis=(2, 3), keepdims=True)
+
+    def transform(branch):
+        t = conv1x1(context, sd[f"{p}{branch}.{fc1}.weight"], sd[f"{p}{branch}.{fc1}.bias"])
+        mu, var = t.mean(axis=(1, 2, 3), keepdims=True), t.var(axis=(1, 2, 3), keepdims=True)
+        t = (t - mu) / np.sqrt(var + eps)
+        t = t * f64(sd[f"{p}{branch}.{norm}.weight"]).reshape(1, -1, 1, 1) + f64(
+            sd[f"{p}{branch}.{norm}.bias"]
+        ).reshape(1, -1, 1, 1)
+        return conv1x1(np.maximum(t, 0), sd[f"{p}{branch}.{fc2}.weight"], sd[f"{p}{branch}.{fc2}.bias"])
+
+    out = x
+    if p + mul + f".{fc1}.weight" in sd:
+        out = out * (1 / (1 + np.exp(-transform(mul))))
+    if p + add + f".{fc1}.weight" in sd:
+        out = out + transform(add)
+    return out
+
+
+def mmseg_pam_forward(x, sd, p):
+    """mmseg DAHead PAM: SelfAttentionBlock(query_feats=x, key_feats=x), no matmul_norm, gamma."""
+    b, c, h, w = x.shape
+    q = conv1x1(x, sd[p + "query_project.weight"], sd[p + "query_project.bias"]).reshape(b, -1, h * w)
+    k = conv1x1(x, sd[p + "key_project.weight"], sd[p + "key_project.bias"]).reshape(b, -1, h * w)
+    v = conv1x1(x, sd[p + "value_project.weight"], sd[p + "value_project.bias"]).reshape(b, c, h * w)
+    sim = softmax(np.einsum("bcn,bcm->bnm", q, k))
+    return f64(sd[p + "gamma.scale"]) * np.einsum("bnm,bcm->bcn", sim, v).reshape(x.shape) + x
+
+
+def conv_module(rng, sd, key, cin, cout, nd=2, bias=True):
+    sd[f"{key}.weight"] = rand(rng, cout, cin, *(1,) * nd)
+    if bias:
+        sd[f"{key}.bias"] = rand(rng, cout)
+
+
+def mmcv_nonlocal_state(rng, p, nd, c, ci, mode="embedded_gaussian", sub=False, norm=True, mask=False):
+    """mmcv NonLocalNd: ConvModules g/theta/phi (bias), conv_out (no bias under a norm: bias='auto')."""
+    sd, k = {}, "0.conv" if sub else "conv"
+    conv_module(rng, sd, f"{p}g.{k}", c, ci, nd)
+    if mode != "gaussian":
+        conv_module(rng, sd, f"{p}theta.conv", c, ci, nd)
+        conv_module(rng, sd, f"{p}phi.{k}", c, ci, nd)
+    if mode == "concatenation":
+        conv_module(rng, sd, f"{p}concat_project.conv", 2 * ci, 1, 2, bias=False)
+    conv_module(rng, sd, f"{p}conv_out.conv", ci, c, nd, bias=not norm)
+    if norm:
+        sd.update(bn_params(rng, f"{p}conv_out.bn.", c))
+    if mask:
+        conv_module(rng, sd, f"{p}conv_mask", c, 1, nd)
+    return sd
+
+
+def context_state(rng, p, c, ci, att=True, add=True, mul=False, timm=False):
+    sd = {}
+    mask, branches = (
+        ("conv_attn", ("mlp_add", "mlp_scale")) if timm else ("conv_mask", ("channel_add_conv", "channel_mul_conv"))
+    )
+    if att:
+        conv_module(rng, sd, p + mask, c, 1)
+    for on, branch in zip((add, mul), branches):
+        if on:
+            conv_module(rng, sd, f"{p}{branch}.{'fc1' if timm else 0}", c, ci)
+            shape = (ci,) if timm else (ci, 1, 1)  # timm LayerNorm2d, mmcv LayerNorm([C', 1, 1])
+            sd[f"{p}{branch}.{'norm' if timm else 1}.weight"] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+            sd[f"{p}{branch}.{'norm' if timm else 1}.bias"] = rand(rng, *shape)
+            conv_module(rng, sd, f"{p}{branch}.{'fc2' if timm else 3}", ci, c)
+    return sd
+
+
+@pytest.mark.parametrize(
+    "nd, mode, sub, norm, kw",
+    [
+        (2, "embedded_gaussian", False, True, {}),
+        (3, "embedded_gaussian", True, False, {"use_scale": False}),
+        (1, "dot_product", True, True, {"mode": "dot_product"}),
+        (2, "gaussian", True, True, {}),
+        (2, "concatenation", False, False, {}),
+    ],
+)
+def test_mmcv_nonlocal(nd, mode, sub, norm, kw):
+    rng = np.random.default_rng(31 + nd)
+    p = "backbone.layer3.1.nonlocal_block."
+    sd = {**mmcv_nonlocal_state(rng, p, nd, 6, 3, mode, sub, norm), "backbone.conv1.weight": rand(rng, 6, 3, 3, 3)}
+    ckpt = from_checkpoint(sd, "mmcv", **kw)
+    cfg = ckpt.config
+    assert ckpt.block == f"NonLocalBlock{nd}D"
+    assert (cfg["in_channels"], cfg["inter_channels"], cfg["mode"], cfg["sub_sample"], cfg["bn_layer"]) == (
+        6,
+        3,
+        mode,
+        sub,
+        norm,
+    )
+    use_scale = kw.get("use_scale", True)
+    assert cfg["scale"] == (3**-0.5 if use_scale and mode == "embedded_gaussian" else None)
+    k = "0.conv" if sub else "conv"
+    assert ckpt.mapped["g.weight"] == f"{p}g.{k}.weight" and ckpt.mapped["W.weight"] == f"{p}conv_out.conv.weight"
+    if norm:  # ConvModule(bias='auto') has no conv bias under a norm
+        assert ckpt.mapped["bn.running_var"] == f"{p}conv_out.bn.running_var" and np.all(ckpt.weights["W.bias"] == 0)
+        assert ckpt.dropped == {f"{p}conv_out.bn.num_batches_tracked": "BatchNorm step counter (not a weight)"}
+    x = np.random.default_rng(5).normal(size=(2, 6) + {1: (7,), 2: (5, 4), 3: (2, 5, 4)}[nd])
+    check_reference(ckpt, x, mmcv_nonlocal_forward(x, sd, p, mode, use_scale))
+
+
+def test_mmcv_context_block_and_criss_cross():
+    rng = np.random.default_rng(41)
+    sd = {
+        **context_state(rng, "backbone.layer2.0.context_block.", 8, 2, mul=True),
+        **context_state(rng, "backbone.layer3.0.context_block.", 8, 4, att=False, add=False, mul=True),
+        **qkv_state(rng, "neck.cca.", 16, 2),
+    }
+    sd["neck.cca.gamma.scale"] = sd.pop("neck.cca.gamma").reshape(())  # mmcv Scale: a 0-d parameter
+    with pytest.raises(WeightError) as e:
+        from_checkpoint(sd, "mmcv")
+    assert (
+        "3 blocks found; choose one with prefix=: 'backbone.layer2.0.context_block.' (GlobalContext), "
+        "'backbone.layer3.0.context_block.' (GlobalContext), 'neck.cca.' (CrissCrossAttention)" in str(e.value)
+    )
+    x = np.random.default_rng(42).normal(size=(2, 8, 3, 5))
+    for p, flags in (
+        ("backbone.layer2.0.context_block.", ("att", True, True)),
+        ("backbone.layer3.0.context_block.", ("avg", False, True)),
+    ):
+        gc = from_checkpoint(sd, "mmcv", prefix=p)
+        cfg = gc.config
+        assert gc.block == "GlobalContext" and (cfg["pooling_type"], cfg["channel_add"], cfg["channel_mul"]) == flags
+        assert (
+            gc.weights[next(n for n in gc.weights if n.endswith(".1.weight"))].ndim == 1
+        )  # LayerNorm (C', 1, 1) flattened
+        check_reference(gc, x, context_forward(x, sd, p))
+    cca = from_checkpoint(sd, "mmcv", prefix="neck.cca")
+    assert cca.block == "CrissCrossAttention" and cca.config["recurrence"] == 1 and cca.config["qk_ratio"] == 8
+    assert cca.weights["gamma"].shape == (1,) and cca.mapped["gamma"] == "neck.cca.gamma.scale"
+    x = np.random.default_rng(43).normal(size=(1, 16, 3, 4))
+    check_reference(cca, x, ccnet_forward(x, sd, "neck.cca.", 1, gamma="gamma.scale"))
+    with pytest.raises(ConfigError, match="in_channels=4 contradicts"):
+        from_checkpoint(sd, "mmcv", prefix="neck.cca.", in_channels=4)
+    with pytest.raises(ConfigError, match="channel_add=True contradicts"):
+        from_checkpoint(sd, "mmcv", prefix="backbone.layer3.0.context_block.", channel_add=True)
+
+
+def mmseg_segmentor(rng):
+    """One decode head of each attention kind, with the segmentor's other modules around them."""
+    h = "decode_head."
+    sd = {
+        "backbone.stem.0.weight": rand(rng, 4, 3, 3, 3),
+        **bn_params(rng, "backbone.stem.1.", 4),
+        h + "convs.0.conv.weight": rand(rng, 8, 16, 3, 3),
+        h + "conv_seg.weight": rand(rng, 19, 8, 1, 1),
+        "auxiliary_head.convs.0.conv.weight": rand(rng, 8, 8, 3, 3),
+        **mmcv_nonlocal_state(rng, h + "nl_block.", 2, 8, 4),
+        **mmcv_nonlocal_state(rng, h + "dnl_block.", 2, 8, 4, mask=True),
+        **context_state(rng, h + "gc_block.", 8, 2),
+        **qkv_state(rng, h + "cca.", 8, 1),
+        h + "pam_in_conv.conv.weight": rand(rng, 8, 16, 3, 3),
+        h + "cam.gamma.scale": rand(rng, 1).reshape(()),
+    }
+    sd[h + "cca.gamma.scale"] = sd.pop(h + "cca.gamma").reshape(())
+    for name, o in {"query_project": 2, "key_project": 2, "value_project": 8}.items():
+        conv_module(rng, sd, f"{h}pam.{name}", 8, o)
+    sd[h + "pam.gamma.scale"] = rand(rng, 1).reshape(())
+    return sd
+
+
+def test_mmseg_segmentor_heads(tmp_path):
+    rng = np.random.default_rng(51)
+    sd = mmseg_segmentor(rng)
+    path = str(save_pt(tmp_path / "segmentor.pth", {"meta": {"mmseg_version": "0.30.0"}, "state_dict": sd}))
+    with pytest.raises(WeightError) as e:
+        from_checkpoint(path, "mmseg")
+    assert (
+        "6 blocks found; choose one with prefix=: 'decode_head.cam.' (ChannelAttention), 'decode_head.cca.' "
+        "(CrissCrossAttention), 'decode_head.dnl_block.' (DisentangledNonLocal), 'decode_head.gc_block.' "
+        "(GlobalContext), 'decode_head.nl_block.' (NonLocalBlock), 'decode_head.pam.' (PositionAttention)"
+    ) in str(e.value)
+    with pytest.raises(
+        WeightError, match=r"no mmseg head block at prefix 'decode_head\.psa'.*found: 'decode_head\.cam\.'"
+    ):
+        from_checkpoint(path, "mmseg", prefix="decode_head.psa")
+    x = np.random.default_rng(52).normal(size=(2, 8, 4, 5))
+    h = "decode_head."
+    nl = from_checkpoint(path, "mmseg", prefix=h + "nl_block")
+    assert nl.block == "NonLocalBlock2D" and nl.config["scale"] == 4**-0.5 and nl.config["sub_sample"] is False
+    check_reference(nl, x, mmcv_nonlocal_forward(x, sd, h + "nl_block."))
+    dnl = from_checkpoint(path, "mmseg", prefix=h + "dnl_block")
+    assert dnl.block == "DisentangledNonLocal2D" and dnl.config["temperature"] == 0.05 and dnl.config["use_scale"]
+    assert dnl.mapped["conv_mask.weight"] == h + "dnl_block.conv_mask.weight"
+    check_reference(dnl, x, mmcv_nonlocal_forward(x, sd, h + "dnl_block.", temperature=0.05))
+    cold = from_checkpoint(path, "mmseg", prefix=h + "dnl_block", temperature=0.5, use_scale=False)
+    check_reference(cold, x, mmcv_nonlocal_forward(x, sd, h + "dnl_block.", use_scale=False, temperature=0.5))
+    gc = from_checkpoint(path, "mmseg", prefix=h + "gc_block")
+    assert gc.block == "GlobalContext" and gc.config["inter_channels"] == 2
+    check_reference(gc, x, context_forward(x, sd, h + "gc_block."))
+    cca = from_checkpoint(path, "mmseg", prefix=h + "cca")
+    assert cca.config["recurrence"] == 2 and any("CCHead" in n for n in cca.notes)  # CCHead's default
+    check_reference(cca, x[:1], ccnet_forward(x[:1], sd, h + "cca.", 2, gamma="gamma.scale"))
+    pam = from_checkpoint(path, "mmseg", prefix=h + "pam")
+    assert pam.block == "PositionAttention" and pam.config == {"in_channels": 8, "qk_ratio": 4}
+    assert pam.mapped == {
+        "query_conv.weight": h + "pam.query_project.weight",
+        "query_conv.bias": h + "pam.query_project.bias",
+        "key_conv.weight": h + "pam.key_project.weight",
+        "key_conv.bias": h + "pam.key_project.bias",
+        "value_conv.weight": h + "pam.value_project.weight",
+        "value_conv.bias": h + "pam.value_project.bias",
+        "gamma": h + "pam.gamma.scale",
+    }
+    check_reference(pam, x, mmseg_pam_forward(x, sd, h + "pam."))
+    cam = from_checkpoint(path, "mmseg", prefix=h + "cam")
+    assert cam.block == "ChannelAttention" and cam.weights["gamma"].shape == (1,)
+    check_reference(cam, x, cam_forward(x, sd[h + "cam.gamma.scale"]))
+
+
+def test_mmseg_refusals():
+    rng = np.random.default_rng(53)
+    sd = mmseg_segmentor(rng)
+    h = "decode_head."
+    with pytest.raises(ConfigError, match="qk_ratio=8 contradicts"):
+        from_checkpoint(sd, "mmseg", prefix=h + "pam", qk_ratio=8)
+    with pytest.raises(ConfigError, match="mode='gaussian' contradicts"):
+        from_checkpoint(sd, "mmseg", prefix=h + "nl_block", mode="gaussian")
+    gn = {k.replace("conv_out.bn.", "conv_out.gn."): v for k, v in sd.items() if ".nl_block." in k}
+    with pytest.raises(WeightError, match="conv_out.gn: only a BatchNorm"):
+        from_checkpoint(gn, "mmseg")
+    extra = {**sd, h + "pam.out_project.weight": rand(rng, 8, 8, 1, 1)}
+    with pytest.raises(WeightError, match=r"cannot map 'decode_head\.pam\.out_project\.weight'"):
+        from_checkpoint(extra, "mmseg", prefix=h + "pam")
+
+
+def test_timm_global_context(tmp_path):
+    rng = np.random.default_rng(61)
+    sd = {
+        **context_state(rng, "stages.1.blocks.0.attn.", 16, 2, timm=True, add=False, mul=True),
+        **context_state(rng, "stages.2.blocks.0.attn.", 16, 4, att=False, add=True, mul=True, timm=True),
+        **timm_state(rng, "stages.3.blocks.0.attn.", 8, 3),
+    }
+    with pytest.raises(WeightError) as e:
+        from_checkpoint(sd, "timm")
+    assert (
+        "'stages.1.blocks.0.attn.' (GlobalContext), 'stages.2.blocks.0.attn.' (GlobalContext), "
+        "'stages.3.blocks.0.attn.' (NonLocalAttn)"
+    ) in str(e.value)
+    x = np.random.default_rng(62).normal(size=(2, 16, 3, 5))
+    for p in ("stages.1.blocks.0.attn.", "stages.2.blocks.0.attn."):
+        gc = from_checkpoint(sd, "timm", prefix=p)
+        assert gc.block == "GlobalContext" and gc.config["ln_eps"] == 1e-6 and gc.config["rounding"] == "timm"
+        assert gc.mapped["channel_mul_conv.3.weight"] == p + "mlp_scale.fc2.weight"
+        check_reference(gc, x, context_forward(x, sd, p, timm=True))
+    assert from_checkpoint(sd, "timm", prefix="stages.3.blocks.0.attn.").block == "NonLocalBlock2D"
+
+
+def test_convert_reads_mmseg(tmp_path, capsys):
+    sd = mmseg_segmentor(np.random.default_rng(71))
+    src = save_pt(tmp_path / "dnl.pth", {"state_dict": sd})
+    dst = tmp_path / "cca.safetensors"
+    assert main(["convert", str(src), str(dst), "--source", "mmseg", "--prefix", "decode_head.cca"]) == 0
+    assert "decode_head.cca.gamma.scale -> gamma" in capsys.readouterr().out
+    ckpt = load_file(dst)
+    assert ckpt.block == "CrissCrossAttention" and ckpt.config["recurrence"] == 2
+    assert main(["convert", str(src), str(tmp_path / "x.safetensors"), "--source", "mmseg"]) == 1
+    assert "6 blocks found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# weight normalisation: both torch layouts, kept (weight_norm=True) or folded exactly
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_normed_convs(layout, names=("g", "theta", "phi", "W"), seed=0):
+    """AlexHex7 non-local convs (no sub-sampling, no BN) in float64 torch, those in ``names``
+    weight-normalised in ``layout``; returns (their state dict, the plain one torch computes)."""
+    torch.manual_seed(seed)
+    convs = {n: torch.nn.Conv2d(*((3, 6) if n == "W" else (6, 3)), 1).double() for n in ("g", "theta", "phi", "W")}
+    for n in names:
+        if layout == "legacy":
+            convs[n] = torch.nn.utils.weight_norm(convs[n])
+            g = convs[n].weight_g
+        else:
+            convs[n] = torch.nn.utils.parametrizations.weight_norm(convs[n])
+            g = convs[n].parametrizations.weight.original0
+        with torch.no_grad():
+            g.uniform_(0.5, 1.5)  # the kernel is no longer v
+        convs[n](torch.zeros(1, convs[n].in_channels, 1, 1, dtype=torch.float64))  # legacy: recompute weight
+    state = {f"{n}.{k}": v.detach().numpy().copy() for n, m in convs.items() for k, v in m.state_dict().items()}
+    plain = {f"{n}.{k}": getattr(m, k).detach().numpy().copy() for n, m in convs.items() for k in ("weight", "bias")}
+    return state, plain
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("layout", ["parametrizations", "legacy"])
+def test_weight_norm_kept_or_folded_exactly(layout):
+    state, plain = weight_normed_convs(layout)
+    x = np.random.default_rng(81).normal(size=(2, 6, 5, 4))
+    expected = alexhex7_forward(x, plain, "embedded_gaussian")
+    kept = from_checkpoint(state, "alexhex7")
+    assert kept.config["weight_norm"] is True and kept.config["sub_sample"] is False
+    g_src = "W.weight_g" if layout == "legacy" else f"W.{WEIGHT_NORM_G}"
+    assert kept.mapped[f"W.{WEIGHT_NORM_G}"] == g_src
+    np.testing.assert_array_equal(kept.weights[f"W.{WEIGHT_NORM_G}"], state[g_src])
+    check_reference(kept, x, expected)
+    folded = from_checkpoint(state, "alexhex7", weight_norm=False)
+    assert folded.config["weight_norm"] is False and folded.weights["W.weight"].dtype == np.float64
+    assert any("folded" in n for n in folded.notes)
+    # exact: the folded kernels are the ones the normalised convs compute
+    np.testing.assert_array_equal(
+        run(folded.block, x, folded.weights, folded.config), run(kept.block, x, kept.weights, kept.config)
+    )
+    check_reference(folded, x, expected)
+
+
+def test_weight_norm_partial_contradictions_and_bad_layouts():
+    state, plain = weight_normed_convs("parametrizations", names=("W",), seed=1)
+    x = np.random.default_rng(82).normal(size=(1, 6, 4, 4))
+    partial = from_checkpoint(state, "alexhex7")  # only W: the block cannot hold it, so it is folded
+    assert partial.config["weight_norm"] is False and partial.mapped["W.weight"] == f"W.{WEIGHT_NORM_V}"
+    check_reference(partial, x, alexhex7_forward(x, plain, "embedded_gaussian"))
+    with pytest.raises(ConfigError, match=r"weight_norm=True contradicts.*only \['W'\] are weight-normalised"):
+        from_checkpoint(state, "alexhex7", weight_norm=True)
+    with pytest.raises(ConfigError, match="no conv is weight-normalised"):
+        from_checkpoint(plain, "alexhex7", weight_norm=True)
+    with pytest.raises(WeightError, match="weight norm over dim 0"):
+        from_checkpoint({**state, f"W.{WEIGHT_NORM_G}": np.ones((1, 3, 1, 1))}, "alexhex7")
+    with pytest.raises(WeightError, match="both given"):
+        from_checkpoint({**state, "W.weight": plain["W.weight"]}, "alexhex7")
+    sagan = qkv_state(np.random.default_rng(83), "attn1.", 8, 1)  # a block without the option: folded
+    v = sagan.pop("attn1.value_conv.weight")
+    sagan["attn1.value_conv.weight_v"], sagan["attn1.value_conv.weight_g"] = v, np.full((8, 1, 1, 1), 2.0, np.float32)
+    ckpt = from_checkpoint(sagan, "sagan")
+    norm = np.sqrt(np.sum(f64(v) ** 2, axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(ckpt.weights["value_conv.weight"], 2.0 * f64(v) / norm, rtol=1e-15)
+
+
+def test_weight_norm_init_in_every_framework(fw):
+    spec = make_config("NonLocalBlock2D", in_channels=4, bn_layer=False, share_query_key=True, weight_norm=True)
+    w = fw.module.export_weights(fw.make(spec.block, spec.to_dict()))
+    assert list(w) == list(tensors(spec.schema()))
+    g, v = (lambda conv, part=part: w[f"{conv}.{part}"] for part in (WEIGHT_NORM_G, WEIGHT_NORM_V))
+    # the last conv starts at zero through g (and its bias), with v a direction: the identity
+    assert np.all(g("W") == 0) and np.all(w["W.bias"] == 0) and np.all(np.any(v("W") != 0, axis=(1, 2, 3)))
+    for conv in ("g", "theta"):  # the others start as their plain init: g = ‖v‖
+        norm = np.sqrt(np.sum(v(conv).astype(np.float64) ** 2, axis=(1, 2, 3), keepdims=True))
+        np.testing.assert_allclose(g(conv), norm, rtol=1e-6)

@@ -9,6 +9,7 @@ every framework alike in tests/test_blocks.py.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import subprocess
@@ -27,7 +28,7 @@ from conftest import ONE_CASE_PER_BLOCK
 from nlattn import ConfigError, InputError, WeightError
 from nlattn.conformance.runner import error
 from nlattn.numpy_ref import run as reference
-from nlattn.specs import BatchNorm, random_weights, tensors
+from nlattn.specs import CONFIGS, BatchNorm, random_weights, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "v0.1"
@@ -662,7 +663,8 @@ def test_conformance_cli_on_the_other_backends(backend):
 def test_unknown_sizes_on_the_other_backends(backend, tmp_path):
     """``check_unknown_sizes`` for every block with KERAS_BACKEND=jax / torch: symbolic sizes are
     jax's shape-polymorphic dimensions there, and torch's meta tensors; and
-    ``check_synchronized_on_this_backend``."""
+    ``check_synchronized_on_this_backend``; ``check_softmax_attention_gradient`` (custom gradients
+    differ by backend: jax.custom_gradient, a torch autograd Function)."""
     code = (
         "import sys, keras\n"
         "sys.path.insert(0, 'tests')\n"
@@ -671,6 +673,7 @@ def test_unknown_sizes_on_the_other_backends(backend, tmp_path):
         "for block in sorted(t.ONE):\n"
         f"    t.check_unknown_sizes(block, {str(tmp_path)!r})\n"
         "t.check_synchronized_on_this_backend()\n"
+        "t.check_softmax_attention_gradient('float32')\n"
         "print('ok')"
     )
     r = subprocess.run(
@@ -787,7 +790,8 @@ def test_implementation_is_accepted_by_every_class_and_kept_in_the_config():
             layer = getattr(nk, block)(**config, implementation=implementation)
             assert layer.get_config()["implementation"] == implementation
     chunked = {b for b in ONE if "query_chunk_size" in getattr(nk, b)(**ONE[b][0]).get_config()}
-    assert chunked == {"NonLocalBlock1D", "NonLocalBlock2D", "NonLocalBlock3D", "SelfAttention", "PositionAttention"}
+    assert chunked == {b for b in ONE if CONFIGS[b].query_chunked}
+    assert {"NonLocalBlock2D", "SelfAttention", "PositionAttention", "DisentangledNonLocal2D"} <= chunked
     assert nk.SelfAttention(in_channels=8, query_chunk_size=7).get_config()["query_chunk_size"] == 7
 
 
@@ -804,3 +808,106 @@ def test_concatenation_fast_path_gradients_match_naive():
         grads.append([as_np(g) for g in tape.gradient(y, [x] + [v.value for v in layer.trainable_weights])])
     for a, b in zip(*grads):
         assert error(a, b) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# training-grade fast paths: the chunked softmax attention's custom gradient (probabilities
+# recomputed chunk by chunk from the saved log-sum-exp) on every backend, and no N×M array in
+# the compiled gradient, stacked loop residuals included
+# ---------------------------------------------------------------------------------------------
+
+
+def _gradients(f, args, cotangent):
+    """The gradients of sum(f(*args) · cotangent) w.r.t. every arg, as float64 NumPy arrays, on
+    this process's Keras backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        ts = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(ts)
+            y = tf.reduce_sum(tf.cast(f(*ts), tf.float64) * cotangent)
+        grads = tape.gradient(y, ts)
+    elif backend == "jax":
+        import jax
+
+        grads = jax.grad(lambda *a: (f(*a).astype("float32") * cotangent).sum(), tuple(range(len(args))))(*args)
+    else:
+        import torch
+
+        ts = [torch.tensor(a, requires_grad=True) for a in args]
+        (f(*ts).double() * torch.tensor(cotangent)).sum().backward()
+        grads = [t.grad for t in ts]
+    return [np.asarray(as_np(g), np.float64) for g in grads]
+
+
+def check_softmax_attention_gradient(dtype: str) -> None:
+    """dq, dk, dv of ``kernels.softmax_attention`` (two heads, c = 3 ≠ cv = 5, 11 queries in
+    chunks of 4 with a ragged last one, scale 0.5; or in one chunk, no scale) against the gradient
+    of softmax(s·q kᵀ) v formed in float64 (by hand: P = softmax, dE = P ∘ (dO vᵀ − rowsum(dO vᵀ ∘ P))).
+    Backend-neutral: the other backends run it in a subprocess."""
+    from nlattn.tf import kernels
+
+    r = np.random.default_rng(0)
+    q, k = (r.normal(size=(2, 2, n, 3)) for n in (11, 7))
+    v, d_out = r.normal(size=(2, 2, 7, 5)), r.normal(size=(2, 2, 11, 5))
+    for scale, chunk in ((0.5, 4), (None, 16)):
+        s = 1.0 if scale is None else scale
+        e = s * q @ np.swapaxes(k, -1, -2)
+        p = np.exp(e - e.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        dp = d_out @ np.swapaxes(v, -1, -2)
+        de = s * p * (dp - (dp * p).sum(-1, keepdims=True))
+        want = (de @ k, np.swapaxes(de, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out)
+        args = [t.astype(dtype) for t in (q, k, v)]
+        got = _gradients(lambda *a, s=scale, c=chunk: kernels.softmax_attention(*a, s, query_chunk_size=c), args, d_out)
+        for g, w in zip(got, want):
+            assert error(g, w) <= {"float32": 1e-5, "float64": 1e-9}[dtype], (dtype, scale, chunk)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_attention_gradient_equals_the_materialised_one(dtype):
+    check_softmax_attention_gradient(dtype)
+
+
+def _largest_compiled_array(fn, *args):
+    """The element count of the largest array in the XLA program of ``fn`` (jit_compile=True):
+    every intermediate, loop bodies and the buffers a loop stacks its per-step values in."""
+    hlo = tf.function(fn, jit_compile=True).experimental_get_compiler_ir(*args)(stage="hlo")
+    return max(math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\b[a-z]\w*\[([\d,]*)\]", hlo))
+
+
+def _training_step(layer):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(y, [x, *layer.trainable_variables])
+
+    return step
+
+
+#: every kernel (PositionAttention is SelfAttention's path), multi-head and shared θ = φ
+TRAINED = [
+    ("NonLocalBlock2D", dict(in_channels=8)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="gaussian", num_heads=2, scale=0.3)),
+    ("NonLocalBlock2D", dict(in_channels=8, num_heads=2, share_query_key=True, scale=0.3)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="dot_product", num_heads=2)),
+    ("NonLocalBlock2D", dict(in_channels=8, mode="concatenation")),
+    ("SelfAttention", dict(in_channels=8, qk_ratio=2)),
+]
+
+
+@pytest.mark.parametrize("block, config", TRAINED, ids=[f"{b}-{c.get('mode', '')}-{len(c)}" for b, c in TRAINED])
+def test_fast_path_training_step_holds_nothing_as_large_as_the_relation(block, config):
+    """N = 256 queries, M = 64 keys (sub-sampled; SAGAN/PAM: M = N), chunks of 32: the compiled
+    training step (train mode, gradients w.r.t. the input and every weight) has no array of
+    B·heads·N·M elements on the fast path; the naive one has."""
+    x = tf.constant(rand((2, 16, 16, 8)), tf.float32)
+    m = 64 if block.startswith("NonLocal") else 256
+    relation = 2 * config.get("num_heads", 1) * 256 * m
+    largest = {}
+    for implementation in ("auto", "naive"):
+        layer, _ = build(block, config, implementation=implementation, query_chunk_size=32)
+        largest[implementation] = _largest_compiled_array(_training_step(layer), x)
+    assert largest["naive"] >= relation
+    assert largest["auto"] < relation / 4, largest

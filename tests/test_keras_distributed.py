@@ -27,6 +27,9 @@ import pytest
 
 from conftest import ONE_CASE_PER_BLOCK
 
+# one xdist worker runs the whole module: its module-scoped fixture starts the device processes once
+pytestmark = pytest.mark.xdist_group("keras_distributed")
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("keras_distributed_worker.py")
 BATCH_NORM_BLOCKS = [b for b, c in ONE_CASE_PER_BLOCK.items() if c.has_batchnorm] + ["SelfAttention"]

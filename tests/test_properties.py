@@ -71,6 +71,25 @@ def others(draw):
     return block, dict(init=draw(st.floats(-2.0, 2.0))), spatial
 
 
+@st.composite
+def context(draw):
+    """GlobalContext and the disentangled non-local blocks: one context per image / a whitened relation."""
+    block = draw(st.sampled_from(["GlobalContext", *(f"DisentangledNonLocal{d}D" for d in (1, 2, 3))]))
+    c = draw(st.integers(1, 8))
+    if block == "GlobalContext":
+        rounding = draw(st.sampled_from(nlattn.specs.GC_ROUNDINGS))
+        config = dict(in_channels=c, ratio=draw(st.sampled_from([0.25, 0.5, 1.0])),
+                      inter_channels=draw(st.none() | st.integers(1, 6)),
+                      pooling_type=draw(st.sampled_from(nlattn.specs.GC_POOLINGS)),
+                      channel_add=draw(st.booleans()), channel_mul=draw(st.booleans()), rounding=rounding,
+                      divisor=draw(st.integers(1, 4)) if rounding == "timm" else 1)  # fmt: skip
+        return block, config, draw(_spatial(2))
+    config = dict(in_channels=c, inter_channels=draw(st.none() | st.integers(1, 6)),
+                  temperature=draw(st.sampled_from([0.05, 0.2, 1.0])), use_scale=draw(st.booleans()),
+                  bn_layer=draw(st.booleans()))  # fmt: skip
+    return block, config, draw(_spatial(int(block[-2])))
+
+
 def _spatial(dims):
     return st.tuples(*[st.integers(1, 7)] * dims)
 
@@ -78,7 +97,7 @@ def _spatial(dims):
 @given(
     framework=st.sampled_from(FRAMEWORKS),
     implementation=st.sampled_from(["auto", "naive"]),
-    drawn=st.one_of(non_local(), qkv(), others()),
+    drawn=st.one_of(non_local(), qkv(), others(), context()),
     batch=st.integers(1, 2),
     seed=st.integers(0, 2**16),
 )

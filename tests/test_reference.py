@@ -442,3 +442,180 @@ def test_float_dtype_check_knows_low_precision_floats_once_ml_dtypes_is_loaded()
     for bad in ("int32", "torch.int64", np.dtype(bool), "complex64", "uint8"):
         with pytest.raises(InputError, match="NonLocalBlock2D: expected a floating-point input"):
             check_float_dtype("NonLocalBlock2D", bad)
+
+
+# --- GCNet global context and the disentangled non-local block ------------------------------------
+
+
+def _layer_norm_list(values, eps):
+    m = sum(values) / len(values)
+    v = sum((t - m) ** 2 for t in values) / len(values)
+    return [(t - m) / math.sqrt(v + eps) for t in values]
+
+
+@pytest.mark.parametrize("pooling_type", ["att", "avg"])
+def test_global_context_matches_loops(pooling_type):
+    """Both fusions, against loops: pooled context, conv → LayerNorm(C', 1, 1) → ReLU → conv,
+    out = x·σ(mul) + add (mmcv's ContextBlock order: multiply first)."""
+    c, h, w_ = 6, 2, 3
+    cfg = dict(in_channels=c, ratio=0.5, pooling_type=pooling_type, channel_mul=True)
+    w = weights_for("GlobalContext", **cfg)
+    x = RNG.normal(size=(1, c, h, w_))
+    out, attn = ref.global_context(x, w, return_attention=True, **cfg)
+
+    pix = [x[0, :, i, j] for i in range(h) for j in range(w_)]
+    if pooling_type == "att":
+        logits = [conv1x1(w["conv_mask.weight"][:, :, 0, 0], w["conv_mask.bias"], p, 1)[0] for p in pix]
+        a = softmax_list(logits)
+    else:
+        a = [1.0 / len(pix)] * len(pix)
+    context = [sum(a[j] * pix[j][k] for j in range(len(pix))) for k in range(c)]
+
+    def transform(p):
+        t = conv1x1(w[f"{p}.0.weight"][:, :, 0, 0], w[f"{p}.0.bias"], context, 3)
+        t = [max(0.0, g * v + b) for g, v, b in zip(w[f"{p}.1.weight"], _layer_norm_list(t, 1e-5), w[f"{p}.1.bias"])]
+        return conv1x1(w[f"{p}.3.weight"][:, :, 0, 0], w[f"{p}.3.bias"], t, c)
+
+    mul = [1.0 / (1.0 + math.exp(-v)) for v in transform("channel_mul_conv")]
+    add = transform("channel_add_conv")
+    expected = np.array(
+        [[[pix[i * w_ + j][k] * mul[k] + add[k] for j in range(w_)] for i in range(h)] for k in range(c)]
+    )
+    np.testing.assert_allclose(out[0], expected, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(attn[0], a, rtol=1e-12)
+
+
+def test_global_context_average_pooling_is_attention_pooling_with_a_constant_mask():
+    """A conv_mask with zero weights gives every position the same logit: softmax = 1/N."""
+    cfg = dict(in_channels=8, ratio=0.5, channel_mul=True)
+    w = weights_for("GlobalContext", **cfg)
+    w.update({"conv_mask.weight": np.zeros((1, 8, 1, 1)), "conv_mask.bias": np.array([0.7])})
+    x = RNG.normal(size=(2, 8, 3, 4))
+    avg = {k: v for k, v in w.items() if not k.startswith("conv_mask")}
+    np.testing.assert_allclose(
+        ref.global_context(x, w, **cfg), ref.global_context(x, avg, **{**cfg, "pooling_type": "avg"}), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "config,inter",
+    [
+        # mmcv ContextBlock: int(C * ratio)
+        ({"in_channels": 256, "ratio": 1 / 16}, 16),
+        ({"in_channels": 104, "ratio": 1 / 16}, 6),  # 6.5 truncates
+        # timm GlobalContext: make_divisible(C * rd_ratio, rd_divisor, round_limit=0)
+        ({"in_channels": 104, "ratio": 1 / 16, "rounding": "timm"}, 7),  # 6.5 rounds half up
+        ({"in_channels": 24, "ratio": 1 / 8, "rounding": "timm", "divisor": 4}, 4),  # 3 rounds up to a multiple
+        ({"in_channels": 8, "ratio": 1 / 16, "rounding": "timm", "divisor": 8}, 8),  # never below the divisor
+        ({"in_channels": 256, "ratio": 1 / 8, "rounding": "timm", "divisor": 8}, 32),
+        ({"in_channels": 8, "inter_channels": 5}, 5),  # timm's rd_channels
+    ],
+)
+def test_global_context_width_follows_each_source(config, inter):
+    assert make_config("GlobalContext", **config).inter == inter
+
+
+def test_global_context_published_init():
+    """mmcv's last_zero_init: an add branch starts at 0 (identity), a mul branch at σ(0) = 1/2."""
+    x = RNG.normal(size=(2, 8, 3, 4))
+    for config, factor in (({}, 1.0), ({"channel_add": False, "channel_mul": True}, 0.5)):
+        cfg = make_config("GlobalContext", in_channels=8, ratio=0.5, **config)
+        w = random_weights(cfg.schema(), np.random.default_rng(0))
+        w.update(
+            {
+                n: np.zeros_like(w[n])
+                for layer in cfg.schema()
+                if getattr(layer, "zero_init", False)
+                for n in (t.name for t in layer.tensors())
+            }
+        )
+        np.testing.assert_array_equal(ref.global_context(x, w, **cfg.to_dict()), x * factor)
+
+
+def test_disentangled_non_local_matches_loops():
+    """Whitened θ, φ with temperature and 1/√Ci, the unary term, and one W + BN for both terms."""
+    c, h, w_, t = 4, 2, 3, 0.3
+    cfg = dict(in_channels=c, temperature=t)
+    w = weights_for("DisentangledNonLocal2D", **cfg)
+    x = RNG.normal(size=(1, c, h, w_))
+    out, attn = ref.disentangled_non_local_2d(x, w, return_attention=True, **cfg)
+
+    pix = [x[0, :, i, j] for i in range(h) for j in range(w_)]
+    n, ci = len(pix), c // 2
+    emb = lambda name, p, k=ci: conv1x1(w[f"{name}.weight"][:, :, 0, 0], w[f"{name}.bias"], p, k)  # noqa: E731
+    theta, phi, g = ([emb(name, p) for p in pix] for name in ("theta", "phi", "g"))
+    for rows in (theta, phi):  # whitening: subtract each channel's mean over positions
+        means = [sum(r[k] for r in rows) / n for k in range(ci)]
+        rows[:] = [[r[k] - means[k] for k in range(ci)] for r in rows]
+    expected_attn = [
+        softmax_list([sum(theta[i][k] * phi[j][k] for k in range(ci)) / math.sqrt(ci) / t for j in range(n)])
+        for i in range(n)
+    ]
+    m = softmax_list([emb("conv_mask", p, 1)[0] for p in pix])
+    u = [sum(m[j] * g[j][k] for j in range(n)) for k in range(ci)]
+
+    def w_bn(v):  # the shared conv_out: W then BN (eval)
+        z = conv1x1(w["W.weight"][:, :, 0, 0], w["W.bias"], v, c)
+        return [
+            (z[k] - w["bn.running_mean"][k]) / math.sqrt(w["bn.running_var"][k] + 1e-5) * w["bn.weight"][k]
+            + w["bn.bias"][k]
+            for k in range(c)
+        ]
+
+    unary = w_bn(u)
+    for i in range(n):
+        y = [sum(expected_attn[i][j] * g[j][k] for j in range(n)) for k in range(ci)]
+        expected = [pix[i][k] + v + unary[k] for k, v in enumerate(w_bn(y))]
+        np.testing.assert_allclose(out[0, :, i // w_, i % w_], expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(attn[0], expected_attn, rtol=1e-10, atol=1e-14)
+
+
+def test_disentangled_non_local_ignores_the_theta_and_phi_biases():
+    """Whitening removes anything constant over positions, a conv bias included."""
+    cfg = dict(in_channels=6, use_scale=False)
+    w = weights_for("DisentangledNonLocal1D", **cfg)
+    x = RNG.normal(size=(2, 6, 7))
+    shifted = {**w, "theta.bias": w["theta.bias"] + 3.0, "phi.bias": w["phi.bias"] - 5.0}
+    np.testing.assert_allclose(
+        ref.disentangled_non_local_1d(x, shifted, **cfg), ref.disentangled_non_local_1d(x, w, **cfg), rtol=1e-11
+    )
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_disentangled_non_local_updates_the_shared_running_statistics_twice(unbiased):
+    """BN(W(y)) then BN(W(u)), each with its own batch statistics: the running statistics take
+    the pairwise term's update, then the unary term's on top of it."""
+    cfg = dict(in_channels=4, bn_momentum=0.25)
+    w = weights_for("DisentangledNonLocal2D", **cfg)
+    x = RNG.normal(size=(3, 4, 2, 3))
+    stats = ref.RunningStats(unbiased)
+    out = ref.disentangled_non_local_2d(x, w, training=True, stats=stats, **cfg)
+    # the two terms before BN: without it, out - x = W(y) + W(u); W(u) (B, C) from u = Σⱼ mⱼ gⱼ
+    plain = {k: v for k, v in w.items() if not k.startswith("bn.")}
+    z_sum = ref.disentangled_non_local_2d(x, plain, **cfg, bn_layer=False) - x
+
+    def one_by_one(name, t):  # a 1×1 conv of t (B, C, N)
+        return np.einsum("oc,bcn->bon", w[f"{name}.weight"][:, :, 0, 0], t) + w[f"{name}.bias"][None, :, None]
+
+    flat = x.reshape(3, 4, 6)
+    m = np.exp(one_by_one("conv_mask", flat)[:, 0])
+    m /= m.sum(-1, keepdims=True)
+    u = np.einsum("bn,bcn->bc", m, one_by_one("g", flat))
+    z_u = u @ w["W.weight"][:, :, 0, 0].T + w["W.bias"]  # (B, C)
+    z_y = z_sum - z_u[:, :, None, None]  # (B, C, H, W)
+
+    def bn(z, axes, n):
+        mean, var = z.mean(axis=axes), z.var(axis=axes)
+        return mean, (var * n / (n - 1) if unbiased else var), var
+
+    mean_y, upd_y, var_y = bn(z_y, (0, 2, 3), 3 * 2 * 3)
+    mean_u, upd_u, var_u = bn(z_u, (0,), 3)
+    r_mean = 0.75 * (0.75 * w["bn.running_mean"] + 0.25 * mean_y) + 0.25 * mean_u
+    r_var = 0.75 * (0.75 * w["bn.running_var"] + 0.25 * upd_y) + 0.25 * upd_u
+    np.testing.assert_allclose(stats.updates["bn.running_mean"], r_mean, rtol=1e-12)
+    np.testing.assert_allclose(stats.updates["bn.running_var"], r_var, rtol=1e-12)
+    gamma, beta = w["bn.weight"], w["bn.bias"]
+    norm_y = (z_y - mean_y[:, None, None]) / np.sqrt(var_y[:, None, None] + 1e-5)
+    norm_u = (z_u - mean_u) / np.sqrt(var_u + 1e-5)
+    expected = x + gamma[:, None, None] * norm_y + beta[:, None, None] + (gamma * norm_u + beta)[:, :, None, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)

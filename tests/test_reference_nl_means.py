@@ -116,6 +116,49 @@ def test_matches_skimage_colour(patch_size, patch_distance, h, sigma):
     assert np.abs(out - ref).max() <= TOL
 
 
+FAST_PARAMS = [  # patch_size, patch_distance, h, sigma; the pad s//2 + d + 1 exceeds the crop in "wide-search"
+    pytest.param(7, 11, 0.1, 0.0, id="defaults"),
+    pytest.param(5, 3, 0.06, 0.08, id="sigma"),
+    pytest.param(3, 5, 0.05, 0.0, id="small-h-cutoff"),
+    pytest.param(9, 4, 0.15, 0.05, id="big-patch-sigma"),
+    pytest.param(1, 2, 0.1, 0.0, id="patch-1-empty-box"),
+    pytest.param(5, 0, 0.1, 0.0, id="no-search"),
+]
+
+
+@pytest.mark.parametrize("patch_size, patch_distance, h, sigma", FAST_PARAMS)
+def test_fast_mode_matches_skimage_grayscale(patch_size, patch_distance, h, sigma):
+    img = _camera()
+    ref = denoise_nl_means(img, patch_size, patch_distance, h, fast_mode=True, sigma=sigma)
+    cfg = dict(patch_size=patch_size, patch_distance=patch_distance, h=h, sigma=sigma, fast_mode=True)
+    assert np.abs(_ours(img[..., None], **cfg)[..., 0] - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("patch_size, patch_distance, h, sigma", FAST_PARAMS[:4])
+def test_fast_mode_matches_skimage_colour(patch_size, patch_distance, h, sigma):
+    img = _astronaut()
+    ref = denoise_nl_means(img, patch_size, patch_distance, h, fast_mode=True, sigma=sigma, channel_axis=-1)
+    cfg = dict(patch_size=patch_size, patch_distance=patch_distance, h=h, sigma=sigma, fast_mode=True)
+    assert np.abs(_ours(img, **cfg) - ref).max() <= TOL
+
+
+def test_fast_mode_reflects_beyond_a_small_image():
+    # pad 2 + 9 + 1 = 12 > 8 rows: NumPy reflects again, and so must the candidates and patches
+    img = _camera(8, 10, seed=4)
+    ref = denoise_nl_means(img, 5, 9, 0.08, fast_mode=True)
+    assert (
+        np.abs(_ours(img[..., None], patch_size=5, patch_distance=9, h=0.08, fast_mode=True)[..., 0] - ref).max() <= TOL
+    )
+
+
+def test_fast_mode_is_another_filter_and_not_the_default():
+    img = _camera(16, 18, seed=5)
+    slow = _ours(img[..., None], patch_size=5, patch_distance=3, h=0.08)
+    fast = _ours(img[..., None], patch_size=5, patch_distance=3, h=0.08, fast_mode=True)
+    np.testing.assert_array_equal(slow, _ours(img[..., None], patch_size=5, patch_distance=3, h=0.08, fast_mode=False))
+    assert np.abs(slow - fast).max() > 1e-3
+
+
 @pytest.mark.parametrize("sigma", [0.0, 0.08])
 def test_quirks_are_what_skimage_does(sigma):
     """The loop with the cutoff and fast_exp is skimage; dropping either one is visibly not."""
@@ -226,6 +269,8 @@ def test_derivatives_are_taken_of_the_envelope():
         dict(h=0.0),
         dict(h=-0.1),
         dict(sigma=-1.0),
+        dict(fast_mode="True"),
+        dict(fast_mode=1),
         dict(nonsense=1),
     ],
 )

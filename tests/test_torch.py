@@ -23,6 +23,7 @@ from nlattn.conformance.cases import CASES
 from nlattn.conformance.runner import error
 from nlattn.numpy_ref import run as reference
 from nlattn.specs import random_weights, tensors
+from nlattn.torch import kernels
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0.1"
 
@@ -156,25 +157,37 @@ FAST = [
     ("NonLocalBlock2D", dict(in_channels=4, sub_sample=False, share_query_key=True, value_channels=3)),
     ("SelfAttention", dict(in_channels=8)),
     ("PositionAttention", dict(in_channels=8, qk_ratio=2)),
+    ("DisentangledNonLocal2D", dict(in_channels=4)),
 ]
 
 
 @pytest.mark.parametrize(
     "block, config", FAST, ids=[f"{b}-{c.get('mode', 'embedded')}-{i}" for i, (b, c) in enumerate(FAST)]
 )
-def test_fast_path_never_materialises_the_relation(block, config):
-    m, w = build(block, config)
-    x = rand((1, config["in_channels"], 16, 16))
+def test_fast_path_never_materialises_the_relation(block, config, monkeypatch):
+    """Neither the forward nor the backward (the training step's input and parameter gradients)."""
     n = 16 * 16
+    # the chunked softmax attention's (heads, chunk, M) block: 16 rows here, as at N·M beyond its budget
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 16 * n)
+    monkeypatch.setattr(kernels, "MIN_QUERY_CHUNK", 1)
+    m, w = build(block, config)
+    naive, _ = build(block, config, implementation="naive")
+    x = rand((1, config["in_channels"], 16, 16))
     with torch.no_grad():
         with _LargestTensor() as fast:
             out = m(x)
-        naive, _ = build(block, config, implementation="naive")
         with _LargestTensor() as slow:
             naive(x)
     assert slow.numel >= n * n  # the check can fail: the naive path does build it
     assert fast.numel < n * n // 8
     assert error(numpy(out), reference(block, x.double().numpy(), w, config)) <= 1e-5
+    for model, largest in ((m, fast), (naive, slow)):
+        loss = model(x.clone().requires_grad_(True)).sum()
+        largest.numel = 0
+        with largest:
+            loss.backward()
+    assert slow.numel >= n * n
+    assert fast.numel < n * n // 8
 
 
 def test_criss_cross_stores_only_row_and_column_energies():
@@ -189,20 +202,34 @@ def test_criss_cross_stores_only_row_and_column_energies():
     )
 
 
+def test_criss_cross_backward_stores_only_row_and_column_energies():
+    config = dict(in_channels=8, qk_ratio=4, recurrence=2)
+    m, w = build("CrissCrossAttention", config)
+    x = rand((1, 8, 12, 16)).requires_grad_(True)
+    u = rand((1, 8, 12, 16), seed=2)
+    with _LargestTensor() as seen:
+        (m(x) * u).sum().backward()
+    assert seen.numel <= 12 * 16 * (12 + 16)
+    # the input gradient along a direction, against central differences of the float64 reference
+    x64, d = x.detach().double().numpy(), rand((1, 8, 12, 16), seed=3).double().numpy()
+    u64 = u.double().numpy()
+    f = lambda t: float((reference("CrissCrossAttention", t, w, config) * u64).sum())  # noqa: E731
+    expected = (f(x64 + 1e-5 * d) - f(x64 - 1e-5 * d)) / 2e-5
+    assert abs(float((x.grad.double().numpy() * d).sum()) - expected) <= 1e-5 * max(1.0, abs(expected))
+
+
 @pytest.mark.parametrize(
     "block, config",
     [
         ("NonLocalBlock2D", dict(in_channels=8)),
-        ("NonLocalBlock2D", dict(in_channels=8, mode="gaussian", num_heads=4, sub_sample=False)),
-        ("NonLocalBlock2D", dict(in_channels=8, share_query_key=True, value_channels=6, bn_layer=False)),
-        ("SelfAttention", dict(in_channels=16)),
-        ("PositionAttention", dict(in_channels=8, qk_ratio=2)),
+        ("NonLocalBlock2D", dict(in_channels=8, num_heads=2, share_query_key=True, bn_layer=False)),
     ],
-    ids=["embedded", "gaussian-heads", "sharedqk", "sagan", "pam"],
+    ids=["embedded", "sharedqk-heads"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_softmax_blocks_run_the_flash_kernel(block, config, dtype):
-    """Only the CPU flash kernel is allowed: SDPA raises if its inputs do not qualify for it."""
+    """Where θ and g have one width: only the CPU flash kernel is allowed, SDPA raises if its
+    inputs do not qualify for it. (Unequal widths take the chunked path: tests at the end.)"""
     m, _ = build(block, config, dtype=dtype)
     x = rand((2, config["in_channels"], 5, 7), dtype=dtype).requires_grad_(True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -260,6 +287,41 @@ def test_nl_means_gradient_does_not_change_the_value():
     )
 
 
+@pytest.mark.parametrize(
+    "shape, config",
+    [((2, 1, 13, 12), dict(patch_size=5, patch_distance=3, h=0.3)), ((1, 2, 9, 11), dict(h=0.4, sigma=0.1))],
+    ids=["gray", "colour-sigma-bigpad"],
+)
+def test_nl_means_fast_mode_tiles_agree_with_the_reference(monkeypatch, shape, config):
+    """fast_mode's tiled filter split into tiles of a few centre rows and single offsets
+    (every tile boundary and offset group exercised) is still the float64 reference."""
+    config = dict(config, fast_mode=True)
+    x = torch.from_numpy(np.random.default_rng(4).random(shape))
+    expected = reference("NonLocalMeans", x.numpy(), None, config)
+    m = nt.NonLocalMeans(**config)
+    c, cols = shape[0] * shape[1], shape[-1] + 2 * m.spec.patch_distance + m.spec.patch_size - 2
+    for elements in (nt.NonLocalMeans.TILE_ELEMENTS, 2 * c * cols * m.spec.patch_size, c * cols * m.spec.patch_size):
+        monkeypatch.setattr(nt.NonLocalMeans, "TILE_ELEMENTS", elements)
+        with torch.no_grad():
+            assert error(numpy(m(x)), expected) <= 1e-9
+
+
+def test_criss_cross_gradients_are_the_finite_differences():
+    """The criss-cross pass's own backward, for every input and for the attention as an output too."""
+    from nlattn.torch.attention import criss_cross
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w = 2, 3, 4  # batch 2: the column layouts are copies (at batch 1 they are views)
+    x, v = (torch.randn(b, h, w, 4, dtype=torch.float64, generator=g).requires_grad_(True) for _ in range(2))
+    q, k = (torch.randn(b, h, w, 2, dtype=torch.float64, generator=g).requires_grad_(True) for _ in range(2))
+    gamma = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    u = torch.randn(b, h, w, h + w, dtype=torch.float64, generator=g)
+    inputs = (x, gamma, q, k, v)
+    assert torch.autograd.gradcheck(lambda *a: criss_cross(*a)[0], inputs, fast_mode=True)
+    loss = lambda *a: (lambda y, at: y.sum() + (at * u).sum())(*criss_cross(*a))  # noqa: E731
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
+
+
 def test_evc_keeps_its_codebook_in_float32_under_bfloat16():
     m = nt.ExplicitVisualCenter(8, num_codes=4).to(torch.bfloat16)
     encoding = m.lvc.LVC[3]
@@ -275,3 +337,93 @@ def test_missing_torch_names_the_extra():
     code = "import sys; sys.modules['torch'] = None; import nlattn.torch"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0 and "pip install nlattn[torch]" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunked softmax attention (unequal widths): exact gradients, no (N, M) tensor, half precision
+# ---------------------------------------------------------------------------------------------
+
+
+def _materialised(q, k, v, scale):
+    """softmax(scale·q kᵀ) v with the (N, M) matrix formed, in the inputs' dtype: autograd's own."""
+    return torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1) @ v
+
+
+def _qkv(n, m, c, cv, dtype=torch.float64, seed=2, heads=2):
+    shapes = ((2, heads, n, c), (2, heads, m, c), (2, heads, m, cv))
+    return [rand(s, dtype, seed + i).requires_grad_(True) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13, 64], ids=lambda c: f"chunk{c}")
+def test_chunked_softmax_attention_is_the_materialised_one(chunk):
+    """Output and dq, dk, dv against autograd through the formed matrix (float64): N = 13 queries
+    in chunks of 1, 4 (a ragged last one), 13 and more than N."""
+    q, k, v = _qkv(13, 7, 3, 5)
+    d_out = rand((2, 2, 13, 5), torch.float64, seed=9)
+    got = kernels.softmax_attention(q, k, v, 0.7, query_chunk_size=chunk)
+    want = _materialised(q, k, v, 0.7)
+    assert error(numpy(got), numpy(want)) <= 1e-12
+    grads = torch.autograd.grad(got, (q, k, v), d_out)
+    for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), d_out)):
+        assert error(numpy(g), numpy(w)) <= 1e-12
+
+
+def test_chunked_softmax_attention_gradcheck():
+    q, k, v = _qkv(5, 4, 2, 3, heads=1)
+    assert torch.autograd.gradcheck(lambda *t: kernels.softmax_attention(*t, 0.5, query_chunk_size=2), (q, k, v))
+
+
+def test_chunked_softmax_attention_has_no_second_derivative():
+    q, k, v = _qkv(5, 4, 2, 3, heads=1)
+    out = kernels.softmax_attention(q, k, v, query_chunk_size=2)
+    with pytest.raises(RuntimeError, match="create_graph=True.*implementation='naive'"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "block, config",
+    [
+        ("SelfAttention", dict(in_channels=8, qk_ratio=4)),
+        ("PositionAttention", dict(in_channels=8, qk_ratio=2)),
+        ("NonLocalBlock2D", dict(in_channels=4, mode="gaussian", num_heads=2)),
+        ("NonLocalBlock2D", dict(in_channels=4, share_query_key=True, value_channels=6, scale=0.3)),
+    ],
+    ids=["sagan", "pam", "gaussian-heads", "sharedqk-values"],
+)
+def test_chunked_blocks_train_as_the_naive_ones(block, config, monkeypatch):
+    """The training step (train mode, batch statistics) of the fast path equals the naive path's:
+    output, input and parameter gradients, float64, with 5-query chunks (a ragged last one)."""
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "MIN_QUERY_CHUNK", 5)
+    x = rand((2, config["in_channels"], 4, 6), torch.float64)
+    d_out = rand(x.shape, torch.float64, seed=3)
+    results = []
+    for implementation in ("auto", "naive"):
+        m, _ = build(block, config, dtype=torch.float64, implementation=implementation)
+        xg = x.clone().requires_grad_(True)
+        out = m.train()(xg)
+        (out * d_out).sum().backward()
+        results.append([out, xg.grad, *(p.grad for p in m.parameters())])
+    for fast, naive in zip(*results):
+        assert error(numpy(fast), numpy(naive)) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_chunked_softmax_attention_in_half_precision(dtype):
+    """Half inputs, float32 energies: |q·k| up to ~1e5 (beyond float16's 65504) stays finite, and
+    the output and gradients are within §5's half-precision tolerance of float64 on the same
+    (rounded) inputs."""
+    q, k, v = (t.detach() for t in _qkv(40, 24, 4, 16, dtype=torch.float32))
+    q, k = 100 * q, 100 * k
+    half = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    wide = [t.detach().double().requires_grad_(True) for t in half]
+    d_out = rand((2, 2, 40, 16), torch.float64, seed=9)
+    got = kernels.softmax_attention(*half, 0.1, query_chunk_size=16)
+    want = _materialised(*wide, 0.1)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert error(numpy(got), numpy(want)) <= 2e-2
+    got.backward(d_out.to(dtype))
+    want.backward(d_out)
+    for h, w in zip(half, wide):
+        assert h.grad.dtype == dtype and torch.isfinite(h.grad).all()
+        assert error(numpy(h.grad), numpy(w.grad)) <= 2e-2

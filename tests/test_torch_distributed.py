@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch_ddp_worker as worker
 
 import nlattn.torch as nt
@@ -52,8 +53,14 @@ def run_world(problem: dict, tmp_path, world: int = 2) -> list[dict]:
 
 
 def single(problem: dict, rows=slice(None)) -> dict:
-    block, x, cotangent = worker.problem(problem)
-    out, dx, grads, stats = worker.step(block, block, x[rows], cotangent[rows])
+    """The single-process step, at one intra-op thread as the data-parallel workers run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        block, x, cotangent = worker.problem(problem)
+        out, dx, grads, stats = worker.step(block, block, x[rows], cotangent[rows])
+    finally:
+        torch.set_num_threads(threads)
     return dict(
         out=out, dx=dx, **{f"grad:{k}": v for k, v in grads.items()}, **{f"stat:{k}": v for k, v in stats.items()}
     )

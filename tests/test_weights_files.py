@@ -477,16 +477,18 @@ def test_convert_errors(tmp_path, capsys):
     spec, w = nl2d()
     src = alexhex7_file(tmp_path, w)
     dst = tmp_path / "out.safetensors"
-    assert main(["convert", str(src), str(tmp_path / "out.onnx"), "--source", "alexhex7"]) == 2
+    assert main(["convert", str(src), str(tmp_path / "out.txt"), "--source", "alexhex7"]) == 2
     assert "unsupported destination" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "out.onnx"), "--source", "alexhex7"]) == 2
+    assert "an .onnx destination needs --input-shape" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--source", "alexhex7", "--config", "in_channels"]) == 2
     assert "--config expects key=value" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--source", "alexhex7", "--config", "in_channels=8"]) == 1
     assert "in_channels=8 contradicts the checkpoint" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--source", "alexhex7", "--prefix", "module.other"]) == 1
     assert "no AlexHex7 non-local block at prefix 'module.other'" in capsys.readouterr().err
-    assert main(["convert", str(src), str(dst), "--source", "mmseg"]) == 1
-    assert "unknown checkpoint source 'mmseg'" in capsys.readouterr().err
+    assert main(["convert", str(src), str(dst), "--source", "detectron2"]) == 1
+    assert "unknown checkpoint source 'detectron2'" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst)]) == 1  # a .pth is not a canonical file
     assert (
         "not an nlattn .safetensors file: for a published checkpoint give its source (--source"
@@ -496,7 +498,7 @@ def test_convert_errors(tmp_path, capsys):
     assert "unexpected 'module.nl.g.0.weight'" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "none.pth"), str(dst), "--source", "alexhex7"]) == 1
     assert "no such weights file" in capsys.readouterr().err
-    assert not dst.exists() and not (tmp_path / "out.onnx").exists()
+    assert not dst.exists() and not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.txt").exists()
     assert listing(tmp_path) == ["alexhex7.pth"]
 
 

@@ -5,11 +5,19 @@ adapters, _ = available_adapters()
 print(format_table(run_conformance(adapters)))
 """
 
-from .adapter import BUILTIN, Adapter, ReferenceAdapter, adapter_names, available_adapters, load_adapter
+from .adapter import (
+    BUILTIN,
+    Adapter,
+    NotSupported,
+    ReferenceAdapter,
+    adapter_names,
+    available_adapters,
+    load_adapter,
+)
 from .cases import CASES, CASES_BY_ID, Case, select
 from .golden import GoldenError
 from .golden import load as load_golden
-from .runner import TOLERANCE, Result, error, format_table, jobs, run_check, run_conformance
+from .runner import PARTS, TOLERANCE, Result, coverage, error, format_table, jobs, parts_of, run_check, run_conformance
 
 __all__ = [
     "Adapter",
@@ -18,16 +26,20 @@ __all__ = [
     "CASES_BY_ID",
     "Case",
     "GoldenError",
+    "NotSupported",
+    "PARTS",
     "ReferenceAdapter",
     "Result",
     "TOLERANCE",
     "adapter_names",
     "available_adapters",
+    "coverage",
     "error",
     "format_table",
     "load_adapter",
     "jobs",
     "load_golden",
+    "parts_of",
     "run_check",
     "run_conformance",
     "select",

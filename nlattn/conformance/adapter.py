@@ -2,7 +2,13 @@
 
 An adapter works in canonical terms only — channels-first NumPy arrays in and out, canonical weight
 names and layouts — so the runner never sees a framework type. Subclass ``Adapter``, implement the
-four methods (and ``gradients`` if you can), and run ``nlattn conformance --adapter pkg.mod:Class``.
+four methods (and ``gradients`` if you can), and run ``nlattn conformance --adapter pkg.mod:Class``
+or, from a pytest suite, ``pytest --nlattn-adapter pkg.mod:Class`` (``nlattn.conformance.pytest_plugin``).
+
+An implementation that lacks an option (no ``pool_first``, one head only, ...) declares it rather
+than failing: ``supports(case)`` returns the reason for a case it cannot build, and ``NotSupported``
+raised from any method marks the check being run. Such checks are reported as "not supported",
+apart from failures, and count against the block's coverage (supported cases / cases).
 """
 
 from __future__ import annotations
@@ -13,9 +19,28 @@ from typing import Any
 import numpy as np
 
 from ..numpy_ref import RunningStats, run
+from .cases import Case
+
+
+class NotSupported(Exception):
+    """Raised by an adapter for what its implementation does not have (an option, a dtype, the
+    training mode): the check is reported as "not supported" with ``reason``, not as a failure."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Adapter:
+    """What the conformance suite needs from an implementation, in canonical terms.
+
+    Checks per case and dtype: ``eval`` (the output, and the attention map where the block has one),
+    ``train`` (the output with batch statistics and the running statistics after the update; cases
+    with BatchNorm, unless ``supports_training`` is False) and ``grad`` (input and parameter
+    gradients in float32/float64, if ``supports_gradients``). ``supports(case)`` and
+    ``NotSupported`` declare what the implementation does not cover (module docstring).
+    """
+
     #: column name in the conformance table
     name: str = "adapter"
     #: dtypes every case runs in; each is compared to the float64 reference within its tolerance
@@ -23,6 +48,14 @@ class Adapter:
     #: PyTorch updates running_var with the unbiased batch variance; Keras and Flax with the biased one
     unbiased_running_var: bool = True
     supports_gradients: bool = False
+    #: False for an inference-only implementation: no train check (nothing reported for it)
+    supports_training: bool = True
+
+    def supports(self, case: Case) -> str | None:
+        """None if this implementation can run ``case``; else the reason it cannot (e.g. "no
+        pool_first option"), reported as "not supported". ``case.block`` and ``case.config`` say
+        what is asked for. The default supports everything."""
+        return None
 
     def build(self, block: str, config: dict, dtype: str) -> Any:
         """A fresh block of class ``block`` with constructor keywords ``config`` (eval mode)."""
@@ -79,12 +112,14 @@ class ReferenceAdapter(Adapter):
 
 
 #: the built-in framework adapters; a column appears when its framework and adapter import.
-#: "<framework>-naive" runs the readable materialising path of every block, "keras-cf" channels_first.
+#: "<framework>-naive" runs the readable materialising path of every block, "keras-cf" channels_first,
+#: "torch-onnx" the torch blocks exported to ONNX and run in onnxruntime (eval mode).
 BUILTIN = {
     "numpy": "nlattn.conformance.adapter:ReferenceAdapter",
     "torch": "nlattn.torch.conformance:TorchAdapter",
     "torch-naive": "nlattn.torch.conformance:TorchNaiveAdapter",
     "torch-autocast": "nlattn.torch.conformance:TorchAutocastAdapter",
+    "torch-onnx": "nlattn.torch.conformance:TorchOnnxAdapter",
     "keras": "nlattn.tf.conformance:KerasAdapter",
     "keras-cf": "nlattn.tf.conformance:KerasChannelsFirstAdapter",
     "keras-naive": "nlattn.tf.conformance:KerasNaiveAdapter",

@@ -177,6 +177,18 @@ def make(
     init: dict[str, Any]
     if isinstance(layer, Conv):
         padding = "VALID" if layer.padding is None else tuple((p, p) for p in layer.padding)
+        if layer.weight_norm:
+            if layer.groups != 1:
+                raise NotImplementedError(f"{layer.prefix}: weight-normalised grouped convs")
+            return WeightNormConv(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                padding=padding,
+                use_bias=layer.bias,
+                zero_init=layer.zero_init,
+                **common,
+            )
         init = dict(kernel_init=zeros, bias_init=zeros) if layer.zero_init else {}
         return nnx.Conv(
             layer.in_channels,
@@ -209,6 +221,51 @@ def make(
     if isinstance(layer, Param):  # Gate included: a plain parameter here
         return nnx.Param(initial(layer.init, layer.shape, rngs, param_dtype))
     raise TypeError(f"unknown schema layer {layer!r}")  # pragma: no cover
+
+
+class WeightNormConv(nnx.Module):
+    """A channels-last convolution trained as g·v/‖v‖ (weight normalisation): ``kernel`` is the
+    direction v (*k, I, O), ``g`` (O,) the magnitude of each output channel's kernel, as torch's
+    ``parametrizations.weight_norm(dim=0)``; g starts at ‖v‖ (the kernel starts as v, ``nnx.Conv``'s
+    init), or at 0 with ``zero_init`` (and the bias: the layer starts at 0 while v keeps a
+    direction). The kernel is formed in float32 (or wider), then cast as ``nnx.Conv`` casts its own."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: tuple[int, ...],
+        *,
+        padding: Any = "VALID",
+        use_bias: bool = True,
+        zero_init: bool = False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        shape = (*kernel_size, in_features, out_features)
+        v = nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype)
+        self.kernel = nnx.Param(v)
+        self.g = nnx.Param(jnp.zeros((out_features,), param_dtype) if zero_init else self.norm(v).astype(param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.padding, self.dtype = padding, dtype
+
+    @staticmethod
+    def norm(v: jax.Array) -> jax.Array:
+        """‖v‖ of each output channel's kernel (all axes but the last)."""
+        return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        x, v, g, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], self.g[...], bias), dtype=self.dtype)
+        work = work_dtype(v.dtype)
+        kernel = (g.astype(work) * (v.astype(work) / self.norm(v.astype(work)))).astype(v.dtype)
+        nd = kernel.ndim - 2
+        spatial = "".join("DHW"[3 - nd :])
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1,) * nd, self.padding, dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        )
+        return y if bias is None else y + bias
 
 
 def initial(init: float | Uniform, shape: tuple[int, ...], rngs: nnx.Rngs, dtype) -> jax.Array:

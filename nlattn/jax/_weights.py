@@ -21,6 +21,7 @@ from ._base import Block
 ATTRIBUTE = {
     "conv_kernel": "kernel",
     "conv_bias": "bias",
+    "conv_g": "g",  # WeightNormConv's magnitude
     "dense_kernel": "kernel",
     "dense_bias": "bias",
     "bn_weight": "scale",

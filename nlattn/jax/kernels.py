@@ -13,6 +13,8 @@ only where its result itself would. NaN propagates as in the materialised relati
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -36,33 +38,98 @@ def energies(q: jax.Array, k: jax.Array) -> jax.Array:
 def softmax_attention(
     q, k, v, scale: float | None = None, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE
 ) -> jax.Array:
-    """softmax_j(scale·qᵢ·kⱼ) v without the (N, M) matrix: ``query_chunk_size`` queries at a time.
+    """softmax_j(scale·qᵢ·kⱼ) v without the (N, M) matrix: ``query_chunk_size`` queries at a time,
+    forward and backward.
 
-    Each query row's softmax is the naive one, so the result is the same computation row by row.
-    N is zero-padded to a multiple of the chunk (the padded rows are dropped); each step is
-    rematerialised under differentiation (``jax.checkpoint``), so training memory stays
-    O(chunk · M) too.
+    Each query row's softmax needs all keys but no other query, so a chunk of queries is exact.
+    The forward keeps, besides the output, one log-sum-exp Lᵢ = log Σⱼ exp(eᵢⱼ) per query; the
+    backward (``jax.custom_vjp``) recomputes each chunk's probabilities P = exp(E − L) from it, so
+    neither pass holds more than one (chunk, M) block of the relation: training memory
+    O(chunk · M + (N + M)(c + cv)), for one more q kᵀ than the materialised gradient (c wide, the
+    cheap product where c < cv). N is zero-padded to a multiple of the chunk, the extra rows dropped.
     """
+    return _softmax_attention(q, k, v, scale, query_chunk_size)
 
-    dtype = v.dtype
-    wide = work_dtype(dtype)
-    k, v = k.astype(wide), v.astype(wide)
 
-    def rows(qc):  # (B, h, cq, c) -> (B, h, cq, cv), in float32 (or wider)
-        e = energies(qc, k)
-        if scale is not None:
-            e = e * scale
-        return jax.nn.softmax(e, -1) @ v
-
-    b, h, n, c = q.shape
-    chunk = query_chunk_size
-    if n <= chunk:
-        return rows(q).astype(dtype)
+def _chunked(t: jax.Array, chunk: int) -> jax.Array:
+    """(B, h, N, d) -> (steps, B, h, chunk, d), N zero-padded to steps · chunk."""
+    b, h, n, d = t.shape
     steps = -(-n // chunk)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, steps * chunk - n), (0, 0)))
-    q = jnp.moveaxis(q.reshape(b, h, steps, chunk, c), 2, 0)  # (steps, B, h, chunk, c)
-    out = jax.lax.map(jax.checkpoint(rows), q)  # (steps, B, h, chunk, cv)
-    return jnp.moveaxis(out, 0, 2).reshape(b, h, steps * chunk, v.shape[-1])[:, :, :n].astype(dtype)
+    t = jnp.pad(t, ((0, 0), (0, 0), (0, steps * chunk - n), (0, 0)))
+    return jnp.moveaxis(t.reshape(b, h, steps, chunk, d), 2, 0)
+
+
+def _unchunked(t: jax.Array, n: int) -> jax.Array:
+    """(steps, B, h, chunk, d) -> (B, h, N, d), the padding dropped."""
+    steps, b, h, chunk, d = t.shape
+    return jnp.moveaxis(t, 0, 2).reshape(b, h, steps * chunk, d)[:, :, :n]
+
+
+def _scaled_energies(q, k, scale):
+    e = jnp.einsum("bhnc,bhmc->bhnm", q, k)
+    return e if scale is None else e * scale
+
+
+def _attend(q, k, v, scale, chunk):
+    """Output (B, h, N, cv) and log-sum-exp L (B, h, N, 1), both in float32 (or wider)."""
+    wide = work_dtype(v.dtype)
+    q, k, v = (t.astype(wide) for t in (q, k, v))
+
+    def rows(qc):  # one chunk of queries: the (chunk, M) block lives only in here
+        e = _scaled_energies(qc, k, scale)
+        top = jax.lax.stop_gradient(e.max(-1, keepdims=True))
+        p = jnp.exp(e - top)
+        total = p.sum(-1, keepdims=True)
+        # normalising the (chunk, cv) product, not the (chunk, M) probabilities: one pass less
+        return jnp.einsum("bhnm,bhmc->bhnc", p, v) / total, top + jnp.log(total)
+
+    n = q.shape[-2]
+    if n <= chunk:
+        return rows(q)
+    out, lse = jax.lax.map(rows, _chunked(q, chunk))
+    return _unchunked(out, n), _unchunked(lse, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _softmax_attention(q, k, v, scale, chunk):
+    return _attend(q, k, v, scale, chunk)[0].astype(v.dtype)
+
+
+def _softmax_attention_fwd(q, k, v, scale, chunk):
+    out, lse = _attend(q, k, v, scale, chunk)
+    return out.astype(v.dtype), (q, k, v, out, lse)
+
+
+def _softmax_attention_bwd(scale, chunk, residuals, d_out):
+    """dq, dk, dv by query chunks: with P = exp(E − L) recomputed and D = rowsum(dO ∘ O),
+    dE = P ∘ (dO vᵀ − D); dv = Pᵀ dO, dq = s·dE k, dk = s·dEᵀ q (s the scale)."""
+    q, k, v, out, lse = residuals
+    wide = out.dtype
+    qw, kw, vw, d_out = (t.astype(wide) for t in (q, k, v, d_out))
+    delta = jnp.sum(d_out * out, -1, keepdims=True)  # (B, h, N, 1)
+
+    def rows(dk_dv, chunk_rows):
+        qc, doc, lc, dc = chunk_rows
+        p = jnp.exp(_scaled_energies(qc, kw, scale) - lc)
+        de = p * (jnp.einsum("bhnc,bhmc->bhnm", doc, vw) - dc)
+        if scale is not None:
+            de = de * scale
+        dk, dv = dk_dv
+        dk = dk + jnp.einsum("bhnm,bhnc->bhmc", de, qc)
+        dv = dv + jnp.einsum("bhnm,bhnc->bhmc", p, doc)
+        return (dk, dv), jnp.einsum("bhnm,bhmc->bhnc", de, kw)
+
+    n, zero = q.shape[-2], (jnp.zeros_like(kw), jnp.zeros_like(vw))
+    if n <= chunk:
+        (dk, dv), dq = rows(zero, (qw, d_out, lse, delta))
+    else:
+        xs = tuple(_chunked(t, chunk) for t in (qw, d_out, lse, delta))
+        (dk, dv), dq = jax.lax.scan(rows, zero, xs)  # zero-padded rows add nothing: their dO is 0
+        dq = _unchunked(dq, n)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def dot_product_attention(q, k, v, scale: float | None = None) -> jax.Array:

@@ -1,10 +1,13 @@
 """Classical non-local means (Buades et al.), scikit-image ``denoise_nl_means`` semantics, in jnp.
 
-Semantics (see ``nlattn.numpy_ref.nl_means`` for the full account): Gaussian-weighted s×s patch
-distances on the reflect-padded image, a search window of (2d+1)² candidates clipped at the image
-border, the early exit (a partial distance > 5 after any of patch rows 0 … s−2 gives weight 0) and
-scikit-image's ``fast_exp`` bit trick, emulated here without float64. Gradients are those of the
-reference's derivative function (``non_local_means_envelope``): the bit trick's piecewise-constant
+Semantics (see ``nlattn.numpy_ref.nl_means`` for the full account). fast_mode=False: Gaussian-weighted
+s×s patch distances on the reflect-padded image, a search window of (2d+1)² candidates clipped at
+the image border, the early exit (a partial distance > 5 after any of patch rows 0 … s−2 gives
+weight 0). fast_mode=True: uniform (s−1)² box distances over C·h²·s² on the image reflect-padded by
+s//2 + d + 1, an unclipped window, weight 0 above the cutoff. Both use scikit-image's ``fast_exp``
+bit trick, emulated here without float64. One ``lax.scan`` step per search offset, which XLA fuses
+into a few passes over the image. Gradients are those of the reference's derivative function
+(``non_local_means_envelope``): the bit trick's piecewise-constant
 staircase gets the slope of the envelope it samples (see ``fast_exp``).
 """
 
@@ -52,7 +55,7 @@ def fast_exp(y: jax.Array) -> jax.Array:
 class NonLocalMeans(Block):
     """Non-local means of (B, H, W, C) images -> (B, H, W, C); no weights, no attention map.
 
-    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0. The C channels of one image
+    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0, fast_mode=False. The C channels of one image
     share their patch weights (scikit-image's ``channel_axis``). ``implementation`` is accepted and
     has no effect (there is one path). Runs in float32 for bfloat16/float16 inputs (distances,
     weights and their sums); the output has the input's (or the computation ``dtype``).
@@ -67,6 +70,12 @@ class NonLocalMeans(Block):
 
     def _filter(self, x):
         """The filter of x in its own dtype."""
+        if self.spec.fast_mode:
+            return self._integral_image_filter(x)
+        return self._pixelwise_filter(x)
+
+    def _pixelwise_filter(self, x):
+        """fast_mode=False: Gaussian patch distances, the row-wise cutoff, a clipped window."""
         cfg = self.spec
         b, height, width, c = x.shape
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
@@ -100,3 +109,46 @@ class NonLocalMeans(Block):
         init = (jnp.zeros_like(x), jnp.zeros((b, height, width), x.dtype))
         (num, den), _ = jax.lax.scan(step, init, offsets)
         return num / den[..., None]
+
+    def _integral_image_filter(self, x):
+        """fast_mode=True: uniform box distances, an unclipped window over the reflect-padded image."""
+        cfg = self.spec
+        b, height, width, c = x.shape
+        d, o, pad = cfg.patch_distance, cfg.patch_size // 2, cfg.fast_mode_pad
+        noise = c * 2.0 * cfg.sigma * cfg.sigma
+        scale = cfg.fast_mode_scale(c)
+        padded = _reflect(x, pad)  # (B, H + 2P, W + 2P, C)
+        # the box of a centre covers offsets −o+1 … o: squared differences from row P − o + 1 on
+        lo, rows, cols = pad - o + 1, height + 2 * o - 1, width + 2 * o - 1
+        centre = padded[:, lo : lo + rows, lo : lo + cols]
+
+        def step(carry, offset):
+            num, den = carry
+            di, dj = offset[0], offset[1]
+            other = jax.lax.dynamic_slice(padded, (0, lo + di, lo + dj, 0), centre.shape)
+            sq = ((centre - other) ** 2).sum(-1) - noise  # (B, H + 2o − 1, W + 2o − 1)
+            if o == 0:  # the integral image's four corners coincide: an empty box, distance 0
+                dist = jnp.zeros((b, height, width), x.dtype)
+            else:
+                line = sum(sq[:, :, l : l + width] for l in range(2 * o))
+                dist = jnp.maximum(sum(line[:, k : k + height] for k in range(2 * o)), 0.0) / scale
+            weight = jnp.where(dist > NL_MEANS_DISTANCE_CUTOFF, 0.0, fast_exp(-dist))
+            candidate = jax.lax.dynamic_slice(padded, (0, pad + di, pad + dj, 0), x.shape)
+            return (num + weight[..., None] * candidate, den + weight), None
+
+        d_range = range(-d, d + 1)
+        offsets = jnp.array([(i, j) for i in d_range for j in d_range], jnp.int32)
+        init = (jnp.zeros_like(x), jnp.zeros((b, height, width), x.dtype))
+        (num, den), _ = jax.lax.scan(step, init, offsets)
+        return num / den[..., None]
+
+
+def _reflect(x: jax.Array, pad: int) -> jax.Array:
+    """NumPy ``mode='reflect'`` padding of axes 1 and 2 (H, W) by ``pad``, any pad: a period of
+    2·(size − 1), reflected as often as needed."""
+    for axis in (1, 2):
+        size = x.shape[axis]
+        period = max(2 * (size - 1), 1)
+        idx = np.remainder(np.arange(-pad, size + pad), period)
+        x = jnp.take(x, np.where(idx < size, idx, period - idx), axis=axis)
+    return x

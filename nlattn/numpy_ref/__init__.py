@@ -12,7 +12,14 @@ from ..specs import config_class
 from ._common import DERIVATIVE_REFERENCE, REFERENCE
 from ._ops import RunningStats
 from .attention import channel_attention, criss_cross_attention, position_attention, self_attention
+from .disentangled import (
+    disentangled_non_local,
+    disentangled_non_local_1d,
+    disentangled_non_local_2d,
+    disentangled_non_local_3d,
+)
 from .evc import explicit_visual_center
+from .global_context import global_context
 from .nl_means import non_local_means, non_local_means_envelope
 from .non_local import non_local, non_local_1d, non_local_2d, non_local_3d
 from .rga import relation_aware_attention

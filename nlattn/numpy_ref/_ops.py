@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..specs import BatchNorm, Conv, GroupNorm
+from ..specs import WEIGHT_NORM_G, WEIGHT_NORM_V, BatchNorm, Conv, GroupNorm, weight_norm_kernel
 
 
 @dataclass
@@ -37,8 +37,12 @@ class Context:
 
 
 def conv(ctx: Context, x: np.ndarray, layer: Conv) -> np.ndarray:
-    """N-d convolution (cross-correlation) of x (B, C, *S), stride 1, zero padding ``layer.padding``."""
-    w = ctx[f"{layer.prefix}.weight"]
+    """N-d convolution (cross-correlation) of x (B, C, *S), stride 1, zero padding ``layer.padding``;
+    a weight-normalised conv's kernel is g·v/‖v‖."""
+    if layer.weight_norm:
+        w = weight_norm_kernel(ctx[f"{layer.prefix}.{WEIGHT_NORM_G}"], ctx[f"{layer.prefix}.{WEIGHT_NORM_V}"])
+    else:
+        w = ctx[f"{layer.prefix}.weight"]
     k = w.shape[2:]
     if layer.padding is not None:
         x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in layer.padding])

@@ -1,9 +1,10 @@
 """Classical non-local means (Buades et al. 2005), as scikit-image's ``denoise_nl_means`` computes it.
 
 x is (B, C, H, W); every batch item is one C-channel image whose channels share their patch weights
-(scikit-image's ``channel_axis``). The output has the same shape. This is the *pixelwise* algorithm
-(scikit-image ``fast_mode=False``), reproduced quirk for quirk so that it can be checked against
-scikit-image (tests/test_reference_nl_means.py):
+(scikit-image's ``channel_axis``). The output has the same shape. Both of scikit-image's 2-D
+algorithms are reproduced quirk for quirk, so that they can be checked against it
+(tests/test_reference_nl_means.py). ``fast_mode=False`` (nlattn's default) is the *pixelwise*
+algorithm:
 
 * patches are s×s (s = patch_size, odd), centred on a pixel; the image is reflect-padded by s//2
   (NumPy ``mode='reflect'``, edge not repeated) so that every pixel has a full patch;
@@ -19,7 +20,22 @@ scikit-image (tests/test_reference_nl_means.py):
   (not exp: it is ~3 % off, e.g. fast_exp(0) ≈ 0.9710), and
   out[:, r, c] = Σ weight·x[:, i, j] / Σ weight. The pixel itself always has weight fast_exp(0) > 0.
 
-Two deliberate departures, both outside the regime where scikit-image's result is meaningful:
+``fast_mode=True`` (scikit-image's default; Darbon et al. 2008, Froment 2014) is another filter:
+
+* the image is reflect-padded by P = s//2 + d + 1 (``fast_mode_pad``; NumPy ``reflect``, repeated
+  when P exceeds the image), and the candidates of pixel (r, c) are *all* (2d+1)² pixels (r+i, c+j)
+  of the padded image, |i|, |j| ≤ d: the search window is not clipped, reflected pixels take part;
+* the patch distance has uniform weights and comes from an integral image: its box covers the
+  (s−1)×(s−1) pixels at offsets −s//2+1 … s//2 from the centre (the four-corner difference of an
+  integral image drops the first row and column of the s×s patch; s = 1 gives an empty box,
+  distance 0, a plain box mean), D = max(0, Σ_box Σ_c ((p − q)² − 2σ²)) / (C·h²·s²), divided by
+  s² although the box holds (s−1)² pixels;
+* the weight is 0 where D > DISTANCE_CUTOFF, else fast_exp(−D) (D ≤ 5 there: no wrap);
+  out = Σ weight·candidate / Σ weight. scikit-image visits each unordered pair of patches once
+  (half-weights for the column offset 0, the pixel itself included); the sum is the same.
+
+Two deliberate departures of the pixelwise algorithm, both outside the regime where
+scikit-image's result is meaningful:
 
 * patch_size = 1: scikit-image's kernel is exp(−0/0) = NaN there, its distances are NaN, and its
   C ``max(0, NaN)`` yields 0, so every weight is fast_exp(0): a plain box mean that ignores h and σ.
@@ -75,7 +91,8 @@ def patch_kernel(patch_size: int, n_channels: int, h: float) -> np.ndarray:
 def non_local_means(x, weights=None, *, return_attention=False, training=False, stats=None, **config):
     """Non-local means of x (B, C, H, W) -> (B, C, H, W); no weights, no attention map.
 
-    Config: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0 (see the module docstring).
+    Config: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0, fast_mode=False (see the
+    module docstring).
     """
     return _non_local_means(x, weights, return_attention, training, stats, config, fast_exp)
 
@@ -90,6 +107,13 @@ def _non_local_means(x, weights, return_attention, training, stats, config, exp)
     cfg, ctx, x = prepare(NonLocalMeansConfig, x, weights, config, training, stats)
     if return_attention:
         raise ValueError("NonLocalMeans has no attention map")
+    if cfg.fast_mode:
+        return _integral_image_means(x, cfg, exp)
+    return _pixelwise_means(x, cfg, exp)
+
+
+def _pixelwise_means(x, cfg, exp):
+    """fast_mode=False: Gaussian patch distances with the row-wise cutoff, clipped search window."""
     b, c, height, width = x.shape
     s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
     w = patch_kernel(s, c, cfg.h)
@@ -120,4 +144,32 @@ def _non_local_means(x, weights, return_attention, training, stats, config, exp)
             weight = np.where(cut, 0.0, exp(-np.maximum(partial[..., -1], 0.0)))
             num[:, :, r0:r1, c0:c1] += weight[:, None] * x[:, :, r0 + di : r1 + di, c0 + dj : c1 + dj]
             den[:, r0:r1, c0:c1] += weight
+    return num / den[:, None]
+
+
+def _integral_image_means(x, cfg, exp):
+    """fast_mode=True: uniform (s−1)² box distances over a reflect-padded, unclipped search window."""
+    b, c, height, width = x.shape
+    d, o, pad = cfg.patch_distance, cfg.patch_size // 2, cfg.fast_mode_pad
+    noise = c * 2.0 * cfg.sigma * cfg.sigma  # per box pixel, summed over channels as in skimage
+    scale = cfg.fast_mode_scale(c)
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    # squared differences are needed at the box pixels of every centre: rows pad−o+1 … pad+H+o−1
+    lo, n_rows, n_cols = pad - o + 1, height + 2 * o - 1, width + 2 * o - 1
+    centre = padded[:, :, lo : lo + n_rows, lo : lo + n_cols]
+    num = np.zeros_like(x)
+    den = np.zeros((b, height, width))
+    for di in range(-d, d + 1):
+        for dj in range(-d, d + 1):
+            other = padded[:, :, lo + di : lo + di + n_rows, lo + dj : lo + dj + n_cols]
+            sq = ((centre - other) ** 2).sum(axis=1) - noise  # (B, H+2o−1, W+2o−1)
+            if o == 0:  # the four corners coincide: an empty box
+                box = np.zeros((b, height, width))
+            else:
+                box = sliding_window_view(sq, (2 * o, 2 * o), axis=(1, 2)).sum(axis=(-2, -1))
+            dist = np.maximum(box, 0.0) / scale
+            weight = np.where(dist > DISTANCE_CUTOFF, 0.0, exp(-dist))
+            cand = padded[:, :, pad + di : pad + di + height, pad + dj : pad + dj + width]
+            num += weight[:, None] * cand
+            den += weight
     return num / den[:, None]

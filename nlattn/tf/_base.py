@@ -403,7 +403,11 @@ def make(
             dtype=dtype,
         )
         init = dict(kernel_initializer="zeros", bias_initializer="zeros") if zero else {}
-        if layer.groups == 1:
+        if layer.weight_norm:
+            if layer.groups != 1:
+                raise NotImplementedError(f"{layer.prefix}: weight-normalised grouped convs")
+            module = WeightNormConv(layer.out_channels, zero_init=zero, **common)
+        elif layer.groups == 1:
             module = getattr(keras.layers, f"Conv{nd}D")(layer.out_channels, **common, **init)
         elif layer.groups == layer.in_channels == layer.out_channels:
             init = {k.replace("kernel_", "depthwise_"): v for k, v in init.items()}
@@ -433,6 +437,46 @@ def make(
     else:  # pragma: no cover
         raise TypeError(f"unknown schema layer {layer!r}")
     return module
+
+
+class WeightNormConv(keras.layers.Layer):
+    """A channels-last convolution trained as g·v/‖v‖ (weight normalisation): ``kernel`` is the
+    direction v (*k, I, O), ``g`` (O,) the magnitude of each output channel's kernel, as torch's
+    ``parametrizations.weight_norm(dim=0)``; g starts at ‖v‖ (the kernel starts as v), or at 0 with
+    ``zero_init`` (and the bias: the layer starts at 0 while v keeps a direction). The kernel is
+    formed in float32 (or wider) and cast to the compute dtype."""
+
+    def __init__(self, filters, kernel_size, use_bias=True, padding="valid", zero_init=False, data_format=None, **kw):
+        super().__init__(**kw)
+        self.filters, self.kernel_size, self.use_bias = filters, tuple(kernel_size), use_bias
+        self.padding, self.zero_init = padding, zero_init
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters), initializer="glorot_uniform"
+        )
+        self.g = self.add_weight(name="g", shape=(self.filters,), initializer="zeros")
+        if not self.zero_init:
+            self.g.assign(ops.cast(ops.sqrt(ops.sum(ops.square(self.kernel), axis=self.norm_axes)), self.g.dtype))
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros") if self.use_bias else None
+
+    @property
+    def norm_axes(self) -> tuple[int, ...]:
+        return tuple(range(len(self.kernel_size) + 1))  # all but the output channels
+
+    def call(self, x):
+        work = work_dtype(x.dtype)
+        v = ops.cast(self.kernel, work)
+        norm = ops.sqrt(ops.sum(ops.square(v), axis=self.norm_axes, keepdims=True))
+        kernel = ops.cast(ops.cast(self.g, work) * (v / norm), x.dtype)
+        y = ops.conv(x, kernel, strides=1, padding=self.padding, data_format="channels_last")
+        return y if self.bias is None else y + ops.cast(self.bias, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        if self.padding == "same":
+            return (*input_shape[:-1], self.filters)
+        spatial = [None if s is None else s - k + 1 for s, k in zip(input_shape[1:-1], self.kernel_size)]
+        return (input_shape[0], *spatial, self.filters)
 
 
 def initializer(init: float | Uniform) -> keras.initializers.Initializer:

@@ -22,6 +22,7 @@ from .scale import Scale
 ATTRIBUTE = {
     "conv_kernel": "kernel",
     "conv_bias": "bias",
+    "conv_g": "g",  # WeightNormConv's magnitude
     "dense_kernel": "kernel",
     "dense_bias": "bias",
     "bn_weight": "gamma",

@@ -30,30 +30,108 @@ def energies(q, k):
 
 
 def softmax_attention(q, k, v, scale: float | None = None, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE):
-    """softmax_j(scale·qᵢ·kⱼ) v, ``query_chunk_size`` queries at a time.
+    """softmax_j(scale·qᵢ·kⱼ) v, ``query_chunk_size`` queries at a time, forward and backward.
 
-    Each query row needs all keys but no other query, so a chunk of queries is exact: memory
-    O(chunk·M) instead of O(N·M). The chunks run under ``keras.ops.map`` (one loop body, compiled
-    once under XLA); the last chunk is zero-padded and its extra rows dropped. Energies and softmax
-    run in float32 (or wider), the product with v in v's dtype.
+    Each query row needs all keys but no other query, so a chunk of queries is exact. The forward
+    keeps, besides the output, one log-sum-exp Lᵢ = log Σⱼ exp(eᵢⱼ) per query; the gradient
+    (``keras.ops.custom_gradient``, on every backend) recomputes each chunk's probabilities
+    P = exp(E − L) from it, so neither pass holds more than one (chunk, M) block of the relation:
+    memory O(chunk · M + (N + M)(c + cv)), for one more q kᵀ (c wide) than the materialised
+    gradient. The forward chunks run under ``keras.ops.map``, the backward under
+    ``keras.ops.fori_loop`` (one loop body each, compiled once under XLA); the last chunk is
+    zero-padded and its extra rows dropped. Everything runs in float32 (or wider).
     """
-    k_wide = ops.cast(k, work_dtype(k.dtype))
-
-    def rows(qc):  # (B, h, cq, c) -> (B, h, cq, cv)
-        e = energies(qc, k_wide)
-        if scale is not None:
-            e = e * scale
-        return ops.matmul(ops.cast(ops.softmax(e), v.dtype), v)
-
-    b, h, n, c = ops.shape(q)
     chunk = query_chunk_size
-    if isinstance(n, int) and n <= chunk:
+
+    @ops.custom_gradient
+    def attend(q, k, v):
+        out, lse = _attend(q, k, v, scale, chunk)
+
+        def grad(*args, upstream=None):  # tensorflow and jax pass the upstream positionally, torch by name
+            d_out = args[0] if upstream is None else upstream
+            return _attend_grad(q, k, v, out, lse, d_out, scale, chunk)
+
+        return ops.cast(out, v.dtype), grad
+
+    return attend(q, k, v)
+
+
+def _steps(n, chunk: int):
+    """Whether (B, h, N, ·) needs more than one chunk, and how many: n may be symbolic."""
+    return not (isinstance(n, int) and n <= chunk), (n + chunk - 1) // chunk
+
+
+def _chunked(t, steps, chunk: int):
+    """(B, h, N, d) -> (steps, B, h, chunk, d), N zero-padded to steps · chunk."""
+    b, h, n, d = ops.shape(t)
+    t = ops.pad(t, [[0, 0], [0, 0], [0, steps * chunk - n], [0, 0]])
+    return ops.moveaxis(ops.reshape(t, (b, h, steps, chunk, d)), 2, 0)
+
+
+def _unchunked(t, n):
+    """(steps, B, h, chunk, d) -> (B, h, N, d), the padding dropped."""
+    steps, b, h, chunk, d = ops.shape(t)
+    return ops.reshape(ops.moveaxis(t, 0, 2), (b, h, steps * chunk, d))[:, :, :n]
+
+
+def _scaled_energies(q, k, scale):
+    e = ops.einsum("bhnc,bhmc->bhnm", q, k)
+    return e if scale is None else e * scale
+
+
+def _attend(q, k, v, scale, chunk: int):
+    """Output (B, h, N, cv) and log-sum-exp L (B, h, N, 1), both in float32 (or wider)."""
+    wide = work_dtype(v.dtype)
+    q, k, v = (ops.cast(t, wide) for t in (q, k, v))
+
+    def rows(qc):  # one chunk of queries: the (chunk, M) block lives only in here
+        e = _scaled_energies(qc, k, scale)
+        top = ops.max(e, axis=-1, keepdims=True)
+        p = ops.exp(e - top)
+        total = ops.sum(p, axis=-1, keepdims=True)
+        # normalising the (chunk, cv) product, not the (chunk, M) probabilities: one pass less
+        return ops.einsum("bhnm,bhmc->bhnc", p, v) / total, top + ops.log(total)
+
+    n = ops.shape(q)[2]
+    several, steps = _steps(n, chunk)
+    if not several:
         return rows(q)
-    steps = (n + chunk - 1) // chunk  # symbolic where n is
-    q = ops.pad(q, [[0, 0], [0, 0], [0, steps * chunk - n], [0, 0]])
-    q = ops.moveaxis(ops.reshape(q, (b, h, steps, chunk, c)), 2, 0)  # (steps, B, h, chunk, c)
-    out = ops.map(rows, q)  # (steps, B, h, chunk, cv)
-    return ops.reshape(ops.moveaxis(out, 0, 2), (b, h, steps * chunk, ops.shape(v)[-1]))[:, :, :n]
+    out, lse = ops.map(rows, _chunked(q, steps, chunk))
+    return _unchunked(out, n), _unchunked(lse, n)
+
+
+def _attend_grad(q, k, v, out, lse, d_out, scale, chunk: int):
+    """dq, dk, dv by query chunks: with P = exp(E − L) recomputed and D = rowsum(dO ∘ O),
+    dE = P ∘ (dO vᵀ − D); dv = Pᵀ dO, dq = s·dE k, dk = s·dEᵀ q (s the scale)."""
+    wide = out.dtype
+    qw, kw, vw, d_out = (ops.cast(t, wide) for t in (q, k, v, d_out))
+    delta = ops.sum(d_out * out, axis=-1, keepdims=True)  # (B, h, N, 1)
+
+    def rows(qc, doc, lc, dc):
+        p = ops.exp(_scaled_energies(qc, kw, scale) - lc)
+        de = p * (ops.einsum("bhnc,bhmc->bhnm", doc, vw) - dc)
+        if scale is not None:
+            de = de * scale
+        dk = ops.einsum("bhnm,bhnc->bhmc", de, qc)
+        dv = ops.einsum("bhnm,bhnc->bhmc", p, doc)
+        return ops.einsum("bhnm,bhmc->bhnc", de, kw), dk, dv
+
+    n = ops.shape(q)[2]
+    several, steps = _steps(n, chunk)
+    if not several:
+        dq, dk, dv = rows(qw, d_out, lse, delta)
+    else:
+        xs = [_chunked(t, steps, chunk) for t in (qw, d_out, lse, delta)]
+
+        def step(i, grads):  # zero-padded rows add nothing: their dO is 0
+            dq, dk, dv = grads
+            dq_i, dk_i, dv_i = rows(*(t[i] for t in xs))
+            return ops.slice_update(dq, [i, 0, 0, 0, 0], dq_i[None]), dk + dk_i, dv + dv_i
+
+        zero = tuple(ops.zeros_like(t) for t in (xs[0], kw, vw))
+        dq, dk, dv = ops.fori_loop(0, steps, step, zero)
+        dq = _unchunked(dq, n)
+    return ops.cast(dq, q.dtype), ops.cast(dk, k.dtype), ops.cast(dv, v.dtype)
 
 
 def dot_product_attention(q, k, v, scale: float | None = None):

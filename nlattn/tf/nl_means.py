@@ -1,9 +1,11 @@
-"""Classical non-local means (scikit-image ``denoise_nl_means``, fast_mode=False), in keras.ops.
+"""Classical non-local means (scikit-image ``denoise_nl_means``, both modes), in keras.ops.
 
-The semantics are the reference's (``nlattn.numpy_ref.nl_means``), quirks included: reflect-padded
-patches, a search window clipped at the image border, the Gaussian patch kernel normalised to
-1 / (C·h²), the early-exit cutoff tested on the partial sums of patch rows 0 … s−2 only, and
-scikit-image's bit-trick ``fast_exp`` instead of exp.
+The semantics are the reference's (``nlattn.numpy_ref.nl_means``), quirks included. fast_mode=False:
+reflect-padded patches, a search window clipped at the image border, the Gaussian patch kernel
+normalised to 1 / (C·h²), the early-exit cutoff tested on the partial sums of patch rows 0 … s−2
+only. fast_mode=True: an unclipped window over the image reflect-padded by s//2 + d + 1, uniform
+(s−1)² box distances over C·h²·s², weight 0 above the cutoff. Both use scikit-image's bit-trick
+``fast_exp`` instead of exp.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _as_float32(bits):
 class NonLocalMeans(Block):
     """Non-local means of (B, H, W, C) / (B, C, H, W) -> same shape; no weights, no attention map.
 
-    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0, data_format=None. The C
+    Keywords: patch_size=7 (odd), patch_distance=11, h=0.1, sigma=0.0, fast_mode=False,
+    data_format=None. The C
     channels of one image share their patch weights (scikit-image's ``channel_axis``); the
     reference's quirks (clipped search window, partial-distance cutoff, fast_exp) are reproduced.
     """
@@ -69,6 +72,12 @@ class NonLocalMeans(Block):
 
     def _filter(self, x):
         """The filter of x (B, H, W, C) in x's dtype; sizes may be symbolic."""
+        if self.spec.fast_mode:
+            return self._integral_image_filter(x)
+        return self._pixelwise_filter(x)
+
+    def _pixelwise_filter(self, x):
+        """fast_mode=False: Gaussian patch distances, the row-wise cutoff, a clipped window."""
         cfg = self.spec
         _, height, width, c = ops.shape(x)
         s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
@@ -112,3 +121,43 @@ class NonLocalMeans(Block):
 
         num, den = ops.fori_loop(0, side * side, step, (ops.zeros_like(x), ops.zeros_like(x[..., :1])))
         return num / den
+
+    def _integral_image_filter(self, x):
+        """fast_mode=True: uniform box distances, an unclipped window over the reflect-padded image."""
+        cfg = self.spec
+        _, height, width, c = ops.shape(x)
+        d, o, pad = cfg.patch_distance, cfg.patch_size // 2, cfg.fast_mode_pad
+        noise = c * 2.0 * cfg.sigma * cfg.sigma
+        scale = cfg.fast_mode_scale(c)
+        padded = _reflect(_reflect(x, pad, 1), pad, 2)  # (B, H + 2P, W + 2P, C)
+        # the box of a centre covers offsets −o+1 … o: squared differences from row P − o + 1 on
+        lo = pad - o + 1
+        centre = padded[:, lo : lo + height + 2 * o - 1, lo : lo + width + 2 * o - 1]
+        side = 2 * d + 1
+
+        def step(index, carry):  # one search offset (di, dj)
+            num, den = carry
+            di, dj = index // side - d, index % side - d
+            other = ops.slice(padded, [0, lo + di, lo + dj, 0], ops.shape(centre))
+            sq = ops.sum(ops.square(centre - other), axis=-1) - noise  # (B, H + 2o − 1, W + 2o − 1)
+            if o == 0:  # the integral image's four corners coincide: an empty box, distance 0
+                dist = ops.zeros_like(x[..., 0])
+            else:
+                line = sum(sq[:, :, l : l + width] for l in range(2 * o))
+                dist = ops.maximum(sum(line[:, k : k + height] for k in range(2 * o)), 0.0) / scale
+            weight = fast_exp(-dist)
+            weight = ops.where(ops.logical_not(dist <= NL_MEANS_DISTANCE_CUTOFF), ops.zeros_like(weight), weight)
+            candidate = ops.slice(padded, [0, pad + di, pad + dj, 0], ops.shape(x))
+            return num + weight[..., None] * candidate, den + weight[..., None]
+
+        num, den = ops.fori_loop(0, side * side, step, (ops.zeros_like(x), ops.zeros_like(x[..., :1])))
+        return num / den
+
+
+def _reflect(x, pad: int, axis: int):
+    """NumPy ``mode='reflect'`` padding of one axis by ``pad``, any pad: a period of 2·(size − 1),
+    reflected as often as needed (``ops.pad`` needs pad < size on TensorFlow)."""
+    size = ops.shape(x)[axis]
+    period = ops.maximum(2 * (size - 1), 1)
+    idx = ops.mod(ops.arange(-pad, size + pad), period)
+    return ops.take(x, ops.where(idx < size, idx, period - idx), axis=axis)

@@ -14,8 +14,10 @@ from ..specs import CONFIGS
 from ._base import Block
 from ._weights import blocks, export_weights, load_weights
 from .attention import ChannelAttention, CrissCrossAttention, PositionAttention, SelfAttention
+from .disentangled import DisentangledNonLocal1D, DisentangledNonLocal2D, DisentangledNonLocal3D
 from .distributed import ContextParallel, SyncBatchNorm, context_parallel, convert_sync_batchnorm
 from .evc import ExplicitVisualCenter
+from .global_context import GlobalContext
 from .nl_means import NonLocalMeans
 from .non_local import NonLocalBlock1D, NonLocalBlock2D, NonLocalBlock3D
 from .rga import RelationAwareAttention

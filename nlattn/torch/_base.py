@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..specs import (
+    WEIGHT_NORM_V,
     BatchNorm,
     BlockConfig,
     Conv,
@@ -120,6 +121,8 @@ def make(layer: Layer) -> nn.Module | nn.Parameter:
             groups=layer.groups,
             padding=layer.padding or 0,
         )
+        if layer.weight_norm:  # the kernel becomes g·v/‖v‖, with g = ‖v‖ at first (torch's own init)
+            module = nn.utils.parametrizations.weight_norm(module, name="weight", dim=0)
     elif isinstance(layer, BatchNorm):
         module = BatchNormNd(layer.num_features, eps=layer.eps, momentum=layer.momentum)
     elif isinstance(layer, Dense):
@@ -132,8 +135,9 @@ def make(layer: Layer) -> nn.Module | nn.Parameter:
         raise TypeError(f"unknown schema layer {layer!r}")
     if getattr(layer, "zero_init", False):
         with torch.no_grad():
-            for p in module.parameters():
-                p.zero_()
+            for name, p in module.named_parameters():
+                if not name.endswith(WEIGHT_NORM_V):  # v stays: g = 0 zeroes the kernel (0/0 with v = 0)
+                    p.zero_()
     return module
 
 

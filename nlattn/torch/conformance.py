@@ -1,16 +1,18 @@
 """``TorchAdapter`` (fast paths, ``implementation="auto"``; float32, float64, bfloat16, float16),
-``TorchNaiveAdapter`` (the materialising paths) and ``TorchAutocastAdapter`` (float32 blocks under
-``torch.autocast``): nlattn.torch under the conformance suite, gradients by autograd."""
+``TorchNaiveAdapter`` (the materialising paths), ``TorchAutocastAdapter`` (float32 blocks under
+``torch.autocast``) and ``TorchOnnxAdapter`` (float32 blocks exported to ONNX, run in onnxruntime):
+nlattn.torch under the conformance suite, gradients by autograd."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..conformance.adapter import Adapter
-from . import BLOCKS
+from ..conformance.adapter import Adapter, NotSupported
+from . import BLOCKS, onnx
 from ._weights import ACCESS, load_weights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +96,61 @@ class TorchAutocastAdapter(TorchAdapter):
     def forward(self, built, x, *, training=False, return_attention=False):
         with torch.autocast(device_type="cpu", dtype=built.dtype):
             return super().forward(built, x, training=training, return_attention=return_attention)
+
+
+@dataclass
+class Exportable(Built):
+    """A float32 block and its onnxruntime sessions, exported on first use (plain, with attention)."""
+
+    sessions: dict = field(default_factory=dict)
+
+
+class TorchOnnxAdapter(TorchAdapter):
+    """Float32 blocks exported by ``nlattn.torch.onnx.export`` and run in onnxruntime (eval mode).
+
+    Each graph is exported at one more batch item, and two more positions along every dynamic
+    spatial axis, than the case runs at: the dynamic axes are checked, not assumed."""
+
+    name = "torch-onnx"
+    dtypes = ("float32",)
+    supports_gradients = False
+    supports_training = False
+
+    def __init__(self):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ImportError("the torch-onnx column needs onnxruntime: pip install 'nlattn[onnx]'") from e
+        self.ort = onnxruntime
+
+    def supports(self, case):
+        return onnx.unsupported(case.spec)
+
+    def build(self, block, config, dtype):
+        built = super().build(block, config, dtype)
+        return Exportable(built.module, built.dtype)
+
+    def forward(self, built, x, *, training=False, return_attention=False):
+        if training:
+            raise NotSupported("an ONNX graph is exported in eval mode")
+        x = np.asarray(x, dtype=np.float32)
+        if return_attention not in built.sessions:
+            spatial = 0 if onnx.static_spatial(built.module.spec) else 2
+            shape = (x.shape[0] + 1, x.shape[1], *(s + spatial for s in x.shape[2:]))
+            f = io.BytesIO()
+            onnx.export(built.module, f, shape, return_attention=return_attention)
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads = 1  # many tiny graphs: no thread pool to start each time
+            built.sessions[return_attention] = self.ort.InferenceSession(
+                f.getvalue(), options, providers=["CPUExecutionProvider"]
+            )
+        out = built.sessions[return_attention].run(None, {onnx.INPUT: x})
+        out = tuple(np.asarray(t, dtype=np.float64) for t in out)
+        return out if return_attention else out[0]
+
+    def running_stats(self, built):
+        raise NotSupported("an ONNX graph is exported in eval mode")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

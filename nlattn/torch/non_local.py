@@ -1,8 +1,10 @@
 """Non-local block (Wang et al. 2018) in its four modes, 1D/2D/3D, as ``nn.Module``s.
 
 With ``implementation="auto"`` (the default) and without ``return_attention`` the (B, N, M)
-relation is never materialised: ``aggregate`` runs the kernels of ``kernels.py`` (softmax modes
-through SDPA's CPU flash kernel, ``dot_product`` re-associated, ``concatenation`` by sorting);
+relation is never materialised, forward or backward: ``aggregate`` runs the kernels of
+``kernels.py`` (softmax modes through SDPA's CPU flash kernel where θ and g have one width, else a
+query chunk at a time with a recomputing backward; ``dot_product`` re-associated,
+``concatenation`` by sorting);
 ``implementation="naive"`` always forms it in ``relation`` (the readable reference path).
 """
 

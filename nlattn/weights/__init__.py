@@ -6,8 +6,8 @@ layouts (docs/design.md §3), validated against the block's schema (``nlattn.spe
 * ``save_weights`` / ``load_file``: ``.safetensors`` files with nlattn metadata (block, config JSON,
   layout version, nlattn version).
 * ``from_checkpoint``: published checkpoints (AlexHex7, Caffe2 video-nonlocal-net, timm, DANet,
-  SAGAN, CCNet, RGA, CFPNet) -> ``Checkpoint``; files are read safely (``weights_only`` torch loads,
-  an allow-listed unpickler, ``allow_pickle=False``).
+  SAGAN, CCNet, RGA, CFPNet, OpenMMLab mmcv and mmseg) -> ``Checkpoint``; files are read safely
+  (``weights_only`` torch loads, an allow-listed unpickler, ``allow_pickle=False``).
 * ``export_weights`` / ``load_weights`` / ``build``: dispatch to ``nlattn.torch``, ``nlattn.tf`` or
   ``nlattn.jax`` by the block's framework.
 * ``convert`` (``nlattn convert``): any of the above to canonical ``.safetensors``, a torch ``.pt``

@@ -26,7 +26,32 @@ rga        RGA ``RGA_Module`` (canonical names), e.g. under ``rga_att1.``; ``spa
 cfpnet     CFPNet ``EVCBlock`` (canonical names); ``l_MLP.linear.*`` is unused in forward: dropped.
            CFPNet models are built by YOLOX's ``get_model``, whose ``init_yolo`` sets every
            BatchNorm2d to eps 1e-3, momentum 0.03: applied by default (``yolox_bn=False``: off).
+mmcv       OpenMMLab mmcv modules anywhere in a model (e.g. mmdet backbone plugins):
+           ``NonLocal1d/2d/3d`` (ConvModules ``g.conv``, ``theta.conv``, ``phi.conv``, ``conv_out.conv``
+           + ``conv_out.bn``; with sub_sample ``g.0.conv`` / ``phi.0.conv``, pooled after the conv;
+           ``concat_project.conv``), ``use_scale=True`` by default (embedded_gaussian: Ci^-1/2);
+           ``ContextBlock`` (``conv_mask``, ``channel_add_conv`` / ``channel_mul_conv`` .0/.1/.3,
+           C' = int(C·ratio), LayerNorm (C', 1, 1)); ``CrissCrossAttention`` (``gamma.scale``, a
+           0-d ``Scale``); mmseg's ``DisentangledNonLocal2d`` (a NonLocal2d + ``conv_mask``).
+           ConvModule's ``bias='auto'`` leaves ``conv_out.conv`` without bias under a norm: zero
+           bias filled in.
+mmseg      whole mmsegmentation segmentors: the block of a decode head, found by its attribute
+           (``nl_block`` NLHead, ``pam`` / ``cam`` DAHead, ``cca`` CCHead, ``gc_block`` GCHead,
+           ``dnl_block`` DNLHead), mapped as ``mmcv``; DAHead's PAM has plain 1×1 ``query_project`` /
+           ``key_project`` / ``value_project`` (``.conv`` if ConvModules) and ``gamma.scale``;
+           CCHead runs its block twice: recurrence=2 unless given; DNLHead's temperature is 0.05.
 =========  =====================================================================================
+
+timm also reads ``GlobalContext`` (``conv_attn``, ``mlp_add`` / ``mlp_scale`` ConvMlps ``fc1``,
+``norm`` (LayerNorm2d, eps 1e-6), ``fc2``): ``prefix=`` picks one block when a model has several.
+
+Weight normalisation: a conv stored as torch's ``parametrizations.weight_norm`` (``<conv>.
+parametrizations.weight.original0`` = g, ``.original1`` = v) or the legacy ``weight_norm``
+(``<conv>.weight_g``, ``<conv>.weight_v``), dim=0, is read under any source. A non-local block whose
+θ, φ, g and W are all weight-normalised imports as ``weight_norm=True`` (g and v kept, the legacy
+names renamed); with ``weight_norm=False``, or for a block without the option, or when only some
+of its convs are normalised, each kernel is folded to g·v/‖v‖, computed in float64 and kept in
+float64 (the exact kernel the normalised conv computes; a framework rounds it once when loading).
 """
 
 from __future__ import annotations
@@ -38,7 +63,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, WeightError
-from ..specs import check_weights, make_config, tensors
+from ..specs import (
+    WEIGHT_NORM_G,
+    WEIGHT_NORM_V,
+    Conv,
+    check_weights,
+    config_class,
+    make_config,
+    tensors,
+    weight_norm_kernel,
+)
 from .files import Checkpoint, read_state_dict, unwrap_state_dict
 
 BN_COUNTER = "BatchNorm step counter (not a weight)"
@@ -350,12 +384,18 @@ def _caffe2(ctx: _Ctx, prefix, use_scale: bool = True):
 
 def _timm(ctx: _Ctx, prefix, use_scale: bool = True):
     s = ctx.state
+    labels = dict.fromkeys(_prefixes(s, "t.weight", ("p.weight", "g.weight", "z.weight")), "NonLocalAttn")
+    for anchor in ("mlp_add.fc1.weight", "mlp_scale.fc1.weight"):
+        labels.update(dict.fromkeys(_prefixes(s, anchor, (anchor.replace("fc1", "fc2"),)), "GlobalContext"))
     p = _choose(
         ctx,
-        _prefixes(s, "t.weight", ("p.weight", "g.weight", "z.weight")),
+        sorted(labels),
         prefix,
-        "timm NonLocalAttn (keys t/p/g/z.weight)",
+        "timm NonLocalAttn or GlobalContext (keys t/p/g/z or mlp_add/mlp_scale)",
+        labels=labels,
     )
+    if labels[p] == "GlobalContext":
+        return _context_block(ctx, p, "timm")
     t = ctx.array(p + "t.weight")
     if t.ndim != 4:
         ctx.fail([f"{p}t.weight has shape {t.shape}: timm NonLocalAttn is 2D (4-D kernels)"])
@@ -548,6 +588,275 @@ def _cfpnet(ctx: _Ctx, prefix, yolox_bn: bool = True):
     return res
 
 
+# ----------------------------------------------------------------------------------------------
+# OpenMMLab (mmcv modules, mmsegmentation heads) and timm's GlobalContext
+# ----------------------------------------------------------------------------------------------
+
+_NL_MODULES = {"g", "theta", "phi", "concat_project", "conv_out", "conv_mask"}
+
+
+def _gamma(res: _Import) -> None:
+    """mmcv's ``Scale`` holds a 0-d ``scale``: the canonical gate has shape (1,)."""
+    if np.size(res.weights.get("gamma", ())) == 1:
+        res.weights["gamma"] = res.weights["gamma"].reshape(1)
+
+
+def _mmcv_nonlocal(ctx: _Ctx, p: str, use_scale: bool = True) -> _Import:
+    """mmcv ``NonLocal{1,2,3}d`` (and mmseg's ``DisentangledNonLocal2d``, which adds ``conv_mask``)."""
+    s = ctx.state
+    sub = p + "g.0.conv.weight" in s
+    g_key = p + ("g.0.conv.weight" if sub else "g.conv.weight")
+    nd = _dims(ctx, g_key)
+    disentangled = p + "conv_mask.weight" in s
+    has_theta, has_concat = p + "theta.conv.weight" in s, p + "concat_project.conv.weight" in s
+    if has_theta and ((p + "phi.0.conv.weight" in s) != sub):
+        ctx.fail([f"{p}g and {p}phi disagree on sub-sampling (g{'.0' if sub else ''}.conv with the other phi)"])
+    norms = sorted({k[len(p) :].split(".")[1] for k in s if k.startswith(p + "conv_out.")} - {"conv"})
+    if norms not in ([], ["bn"]):
+        ctx.fail([f"{p}conv_out.{norms[0]}: only a BatchNorm (ConvModule name 'bn') has an nlattn equivalent"])
+    bn = norms == ["bn"]
+    g = ctx.array(g_key)
+    if disentangled:
+        block = f"DisentangledNonLocal{nd}D"
+        if sub or not has_theta or has_concat:
+            ctx.fail([f"{p}: a disentangled non-local block is embedded-Gaussian without sub-sampling"])
+        cfg = {
+            "in_channels": ctx.fact(block, "in_channels", int(g.shape[1])),
+            "inter_channels": ctx.fact(block, "inter_channels", int(g.shape[0])),
+            "use_scale": use_scale,
+            "bn_layer": ctx.fact(block, "bn_layer", bn),
+        }
+        res = _Import(block, cfg)
+        res.notes.append(
+            "mmseg DisentangledNonLocal2d: embedded_gaussian, whitened θ/φ, temperature "
+            f"{ctx.kw.get('temperature', 0.05)} (DNLHead's default 0.05: pass temperature= if the head had another), "
+            + ("scale Ci^-1/2 (use_scale=True)" if use_scale else "no Ci^-1/2 scale (use_scale=False)")
+        )
+    else:
+        block = f"NonLocalBlock{nd}D"
+        if has_concat:
+            mode = ctx.fact(block, "mode", "concatenation")
+        elif not has_theta:
+            mode = ctx.fact(block, "mode", "gaussian")
+        else:
+            mode = ctx.kw.get("mode", "embedded_gaussian")
+            if mode not in ("embedded_gaussian", "dot_product"):
+                raise ConfigError(
+                    f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): it has "
+                    "theta/phi convs and no concat_project, so the mode is 'embedded_gaussian' or 'dot_product'"
+                )
+        ci = int(g.shape[0])
+        scaled = use_scale and mode == "embedded_gaussian"
+        cfg = {
+            "in_channels": ctx.fact(block, "in_channels", int(g.shape[1])),
+            "inter_channels": ctx.fact(block, "inter_channels", ci),
+            "mode": mode,
+            "sub_sample": ctx.fact(block, "sub_sample", sub),
+            "bn_layer": ctx.fact(block, "bn_layer", bn),
+            "pool_first": ctx.fact(block, "pool_first", False),
+            "scale": ci**-0.5 if scaled else None,
+        }
+        res = _Import(block, cfg)
+        res.notes.append(
+            "mmcv convention: max-pool after the phi/g convs; "
+            + (f"softmax scale Ci^-1/2 = {ci}^-0.5 (use_scale=True)" if scaled else "no softmax scale")
+        )
+        if has_theta and not has_concat:
+            res.notes.append(f"mode={mode!r}: not stored in the weights (pass mode='dot_product' if it was)")
+
+    def rename(rest):
+        mod, *mid, leaf = rest.split(".")
+        if mod in ("g", "phi") and mid == (["0", "conv"] if sub else ["conv"]):
+            return f"{mod}.{leaf}"
+        if mod in ("theta", "concat_project") and mid == ["conv"]:
+            return f"{mod}.{leaf}"
+        if mod == "conv_out" and mid == ["conv"]:
+            return f"W.{leaf}"
+        if mod == "conv_out" and mid == ["bn"]:
+            return f"bn.{leaf}"
+        if mod == "conv_mask" and not mid:
+            return rest
+        return None
+
+    _map(ctx, res, _under(s, p, _NL_MODULES), rename)
+    if bn and "W.weight" in res.weights and "W.bias" not in res.weights:
+        kernel = res.weights["W.weight"]
+        res.weights["W.bias"] = np.zeros(kernel.shape[0], kernel.dtype)
+        res.notes.append("conv_out.conv has no bias under its norm (ConvModule bias='auto'): zero W.bias filled in")
+    return res
+
+
+def _mmcv_cca(ctx: _Ctx, p: str, recurrence: int = 1, head: str = "mmcv CrissCrossAttention") -> _Import:
+    block = "CrissCrossAttention"
+    q = ctx.array(p + "query_conv.weight")
+    c, cq = int(q.shape[1]), int(q.shape[0])
+    cfg = {"in_channels": ctx.fact(block, "in_channels", c), "qk_ratio": ctx.ratio(block, "qk_ratio", [(c, cq)])}
+    if "recurrence" not in ctx.kw:
+        cfg["recurrence"] = recurrence
+        res = _Import(block, cfg)
+        res.notes.append(f"recurrence is not stored in the weights: {recurrence} ({head}); pass recurrence= to change")
+    else:
+        res = _Import(block, cfg)
+    _map(ctx, res, _under(ctx.state, p, _QKV), lambda rest: "gamma" if rest == "gamma.scale" else rest)
+    _gamma(res)
+    return res
+
+
+_PROJECT = {"query_project": "query_conv", "key_project": "key_conv", "value_project": "value_conv"}
+
+
+def _mmseg_pam(ctx: _Ctx, p: str) -> _Import:
+    """DAHead's PAM: mmseg's SelfAttentionBlock with plain 1×1 projections, no out projection."""
+    s = ctx.state
+    block = "PositionAttention"
+    mid = "" if p + "query_project.weight" in s else "conv."
+    q = ctx.array(f"{p}query_project.{mid}weight")
+    c, cq = int(q.shape[1]), int(q.shape[0])
+    cfg = {"in_channels": ctx.fact(block, "in_channels", c), "qk_ratio": ctx.ratio(block, "qk_ratio", [(c, cq)])}
+    res = _Import(block, cfg)
+    res.notes.append("mmseg PAM: no matmul_norm (no softmax scale), value_project C -> C, no out_project")
+
+    def rename(rest):
+        if rest == "gamma.scale":
+            return "gamma"
+        mod, _, leaf = rest.partition(".")
+        ok = mod in _PROJECT and leaf.startswith(mid) and "." not in leaf[len(mid) :]
+        return f"{_PROJECT[mod]}.{leaf[len(mid) :]}" if ok else None
+
+    _map(ctx, res, _under(s, p, {*_PROJECT, "gamma", "out_project"}), rename)
+    _gamma(res)
+    return res
+
+
+def _mmseg_cam(ctx: _Ctx, p: str) -> _Import:
+    res = _Import("ChannelAttention", {})
+    _map(ctx, res, _under(ctx.state, p, {"gamma"}), lambda rest: "gamma" if rest == "gamma.scale" else None)
+    _gamma(res)
+    return res
+
+
+def _context_block(ctx: _Ctx, p: str, flavour: str) -> _Import:
+    """mmcv ``ContextBlock`` or timm ``GlobalContext`` -> GlobalContext (mmcv's names)."""
+    s = ctx.state
+    block = "GlobalContext"
+    if flavour == "timm":
+        names = {"conv_attn": "conv_mask", "mlp_add": "channel_add_conv", "mlp_scale": "channel_mul_conv"}
+        layers = {"fc1": "0", "norm": "1", "fc2": "3"}
+        mask, add, mul = (p + k for k in ("conv_attn.weight", "mlp_add.fc1.weight", "mlp_scale.fc1.weight"))
+    else:
+        names = {m: m for m in ("conv_mask", "channel_add_conv", "channel_mul_conv")}
+        layers = {i: i for i in ("0", "1", "3")}
+        mask, add, mul = (p + k for k in ("conv_mask.weight", "channel_add_conv.0.weight", "channel_mul_conv.0.weight"))
+    first = ctx.array(add if add in s else mul)
+    if first.ndim != 4:
+        ctx.fail([f"{add if add in s else mul} has shape {first.shape}: expected a 2D conv kernel"])
+    cfg = {
+        "in_channels": ctx.fact(block, "in_channels", int(first.shape[1])),
+        "inter_channels": ctx.fact(block, "inter_channels", int(first.shape[0])),
+        "pooling_type": ctx.fact(block, "pooling_type", "att" if mask in s else "avg"),
+        "channel_add": ctx.fact(block, "channel_add", add in s),
+        "channel_mul": ctx.fact(block, "channel_mul", mul in s),
+    }
+    if flavour == "timm":
+        cfg.update(rounding="timm", ln_eps=1e-6, zero_init_last=False)
+    res = _Import(block, cfg)
+    res.notes.append(
+        "timm GlobalContext: LayerNorm2d eps 1e-6, ReLU and sigmoid gate (timm's defaults), mlp_scale = channel_mul"
+        if flavour == "timm"
+        else "mmcv ContextBlock: LayerNorm([C', 1, 1]) eps 1e-5, its (C', 1, 1) affine weights flattened"
+    )
+
+    def rename(rest):
+        mod, _, tail = rest.partition(".")
+        if mod not in names:
+            return None
+        if names[mod] == "conv_mask":
+            return f"conv_mask.{tail}" if "." not in tail else None
+        layer, _, leaf = tail.partition(".")
+        return f"{names[mod]}.{layers[layer]}.{leaf}" if layer in layers and "." not in leaf else None
+
+    _map(ctx, res, _under(s, p, set(names)), rename)
+    for name, value in res.weights.items():
+        if name.endswith(".1.weight") or name.endswith(".1.bias"):
+            res.weights[name] = value.reshape(-1) if value.ndim == 3 and value.shape[1:] == (1, 1) else value
+    return res
+
+
+def _openmmlab_blocks(s) -> dict[str, str]:
+    """{prefix: kind} of every mmcv / mmseg attention block in a state dict, found by its keys."""
+    found: dict[str, str] = {}
+    for anchor in ("g.conv.weight", "g.0.conv.weight"):
+        for p in _prefixes(s, anchor, ("conv_out.conv.weight",)):
+            found[p] = "dnl" if p + "conv_mask.weight" in s else "nonlocal"
+    for anchor in ("channel_add_conv.0.weight", "channel_mul_conv.0.weight"):
+        found.update(dict.fromkeys(_prefixes(s, anchor), "context"))
+    for p in _qkv_prefixes(s):
+        if p + "gamma.scale" in s or p + "gamma" in s:
+            found[p] = "cca"
+    for mid in ("", "conv."):
+        for p in _prefixes(s, f"query_project.{mid}weight", (f"key_project.{mid}weight", "gamma.scale")):
+            found[p] = "pam"
+    for p in _prefixes(s, "gamma.scale"):
+        if p not in found and not any(k.startswith(p) and k != p + "gamma.scale" for k in s):
+            found[p] = "cam"
+    return found
+
+
+_OPENMMLAB_BLOCK = {
+    "nonlocal": "NonLocalBlock",
+    "dnl": "DisentangledNonLocal",
+    "context": "GlobalContext",
+    "cca": "CrissCrossAttention",
+    "pam": "PositionAttention",
+    "cam": "ChannelAttention",
+}
+
+
+def _openmmlab(ctx: _Ctx, p: str, kind: str, use_scale: bool, head: str | None = None) -> _Import:
+    if kind in ("nonlocal", "dnl"):
+        return _mmcv_nonlocal(ctx, p, use_scale)
+    if kind == "context":
+        return _context_block(ctx, p, "mmcv")
+    if kind == "cca":
+        return _mmcv_cca(ctx, p, *((2, "mmseg CCHead runs it twice") if head == "cca" else (1, "mmcv's forward")))
+    return _mmseg_pam(ctx, p) if kind == "pam" else _mmseg_cam(ctx, p)
+
+
+def _mmcv(ctx: _Ctx, prefix, use_scale: bool = True):
+    found = {p: k for p, k in _openmmlab_blocks(ctx.state).items() if k not in ("pam", "cam")}
+    labels = {p: _OPENMMLAB_BLOCK[k] for p, k in found.items()}
+    p = _choose(ctx, sorted(found), prefix, "mmcv NonLocal, ContextBlock or CrissCrossAttention", labels=labels)
+    return _openmmlab(ctx, p, found[p], use_scale)
+
+
+#: mmseg decode heads: the attribute that holds the attention block
+_MMSEG_HEADS = {
+    "nl_block": "nonlocal",
+    "pam": "pam",
+    "cam": "cam",
+    "cca": "cca",
+    "gc_block": "context",
+    "dnl_block": "dnl",
+}
+
+
+def _mmseg(ctx: _Ctx, prefix, use_scale: bool = True):
+    found = {
+        p: k
+        for p, k in _openmmlab_blocks(ctx.state).items()
+        if p.rstrip(".").rpartition(".")[2] in _MMSEG_HEADS and _MMSEG_HEADS[p.rstrip(".").rpartition(".")[2]] == k
+    }
+    labels = {p: _OPENMMLAB_BLOCK[k] for p, k in found.items()}
+    p = _choose(
+        ctx,
+        sorted(found),
+        prefix,
+        "mmseg head block (decode_head.nl_block, .pam, .cam, .cca, .gc_block or .dnl_block)",
+        labels=labels,
+    )
+    return _openmmlab(ctx, p, found[p], use_scale, head=p.rstrip(".").rpartition(".")[2])
+
+
 SOURCES: dict[str, Callable] = {
     "alexhex7": _alexhex7,
     "caffe2": _caffe2,
@@ -557,9 +866,17 @@ SOURCES: dict[str, Callable] = {
     "ccnet": _ccnet,
     "rga": _rga,
     "cfpnet": _cfpnet,
+    "mmcv": _mmcv,
+    "mmseg": _mmseg,
 }
 #: importer options that are not block config fields
-_OPTIONS = {"caffe2": ("use_scale",), "timm": ("use_scale",), "cfpnet": ("yolox_bn",)}
+_OPTIONS = {
+    "caffe2": ("use_scale",),
+    "timm": ("use_scale",),
+    "cfpnet": ("yolox_bn",),
+    "mmcv": ("use_scale",),
+    "mmseg": ("use_scale",),
+}
 
 
 def from_checkpoint(state_dict_or_path, source: str, *, prefix: str | None = None, **config) -> Checkpoint:
@@ -570,9 +887,9 @@ def from_checkpoint(state_dict_or_path, source: str, *, prefix: str | None = Non
     ``source``: one of ``SOURCES`` (see the module docstring for each one's conventions).
     ``prefix``: the block's key prefix inside a bigger state dict (e.g. ``'head.sa.'``).
     ``config``: constructor keywords the checkpoint cannot tell (e.g. ``mode``, ``recurrence``,
-    ``spatial_size``) and the importer options ``use_scale`` (caffe2, timm: the softmax scale of
-    the published code, default True) and ``yolox_bn`` (cfpnet: YOLOX BatchNorm eps/momentum,
-    default True).
+    ``spatial_size``, ``weight_norm``) and the importer options ``use_scale`` (caffe2, timm, mmcv,
+    mmseg: the softmax scale of the published code, default True) and ``yolox_bn`` (cfpnet: YOLOX
+    BatchNorm eps/momentum, default True).
     """
     key = str(source).lower()
     if key not in SOURCES:
@@ -587,8 +904,10 @@ def from_checkpoint(state_dict_or_path, source: str, *, prefix: str | None = Non
         raise TypeError(f"from_checkpoint: expected a dict or a path, got {type(state_dict_or_path).__name__}")
     kw = dict(config)
     options = {k: kw.pop(k) for k in _OPTIONS.get(key, ()) if k in kw}
+    state, normalised = _weight_norm_view(state, origin, key)
     ctx = _Ctx(key, state, kw, origin)
     res = SOURCES[key](ctx, prefix, **options)
+    _weight_norm(ctx, res, normalised)
     merged = {**res.config, **kw}
     if merged.get("spatial_size") is not None:
         merged["spatial_size"] = tuple(merged["spatial_size"])
@@ -601,6 +920,73 @@ def from_checkpoint(state_dict_or_path, source: str, *, prefix: str | None = Non
     return Checkpoint(
         cfg.block, cfg.to_dict(), weights, source=key, mapped=res.mapped, dropped=res.dropped, notes=res.notes
     )
+
+
+_WN_LAYOUTS = {  # torch's two weight_norm layouts: (g suffix, v suffix)
+    "parametrizations.weight_norm": (f".{WEIGHT_NORM_G}", f".{WEIGHT_NORM_V}"),
+    "legacy weight_norm": (".weight_g", ".weight_v"),
+}
+
+
+def _weight_norm_view(state: dict, origin: str, source: str) -> tuple[dict, dict]:
+    """The state dict with each weight-normalised conv's (g, v) pair shown as ``<conv>.weight`` = v,
+    so that every importer finds and maps it as a plain conv; and {that key: (g key, v key, g)}."""
+    view, pairs = dict(state), {}
+    for gs, vs in _WN_LAYOUTS.values():
+        for v_key in [k for k in state if k.endswith(vs)]:
+            conv, g_key = v_key[: -len(vs)], v_key[: -len(vs)] + gs
+            if g_key not in state:
+                continue  # a lone half: left for the importer to report as unmappable
+            where = f"from_checkpoint({origin}, source={source!r})"
+            v, g = np.shape(state[v_key]), np.shape(state[g_key])
+            if len(v) < 2 or int(np.prod(g)) != v[0] or (len(g) > 1 and g[1:] != (1,) * (len(v) - 1)):
+                raise WeightError(where, [f"{g_key!r} has shape {g}: weight norm over dim 0 of {v_key!r} {v} expected"])
+            if conv + ".weight" in state:
+                raise WeightError(where, [f"{conv}.weight and the weight-norm pair {g_key!r}, {v_key!r} both given"])
+            del view[v_key], view[g_key]
+            view[conv + ".weight"] = state[v_key]
+            pairs[conv + ".weight"] = (g_key, v_key, state[g_key])
+    return view, pairs
+
+
+def _weight_norm(ctx: _Ctx, res: _Import, pairs: dict) -> None:
+    """Give the block's weight-normalised convs their canonical g and v (``weight_norm=True``), or
+    fold them to g·v/‖v‖ (float64) where the block is not, cannot be, or is only partly normalised."""
+    normalised = {name[: -len(".weight")]: pairs[src] for name, src in res.mapped.items() if src in pairs}
+    fields = set(config_class(res.block).__dataclass_fields__)
+    wanted = ctx.kw.get("weight_norm")
+    if "weight_norm" in fields:
+        wrapped = {
+            layer.prefix
+            for layer in make_config(res.block, **{**res.config, **ctx.kw, "weight_norm": True}).schema()
+            if isinstance(layer, Conv) and layer.weight_norm
+        }
+        whole = bool(normalised) and set(normalised) == wrapped
+        if wanted and not whole:
+            have = f"only {sorted(normalised)} are" if normalised else "no conv is"
+            raise ConfigError(
+                f"{res.block}: keyword weight_norm=True contradicts the checkpoint ({ctx.where}): "
+                f"{have} weight-normalised, weight_norm=True normalises {sorted(wrapped)}"
+            )
+        res.config["weight_norm"] = whole and wanted is not False
+    keep = res.config.get("weight_norm", False)
+    for conv, (g_key, v_key, g) in normalised.items():
+        v = res.weights.pop(f"{conv}.weight")
+        del res.mapped[f"{conv}.weight"]
+        g = np.array(g)  # a copy: never alias the caller's arrays
+        if keep:
+            res.weights[f"{conv}.{WEIGHT_NORM_G}"] = g.reshape(v.shape[0], *(1,) * (v.ndim - 1))
+            res.weights[f"{conv}.{WEIGHT_NORM_V}"] = v
+            res.mapped[f"{conv}.{WEIGHT_NORM_G}"], res.mapped[f"{conv}.{WEIGHT_NORM_V}"] = g_key, v_key
+        else:
+            res.weights[f"{conv}.weight"] = weight_norm_kernel(g, v)
+            res.mapped[f"{conv}.weight"] = v_key
+    if normalised:
+        res.notes.append(
+            f"weight-normalised convs {sorted(normalised)} kept as g and v (weight_norm=True)"
+            if keep
+            else f"weight-normalised convs {sorted(normalised)} folded to float64 kernels g·v/‖v‖"
+        )
 
 
 def _annotate(message: str, mapped: dict) -> str:
