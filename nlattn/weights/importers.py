@@ -215,6 +215,23 @@ def _under(state, prefix: str, modules: set[str], sep: str = ".") -> dict[str, s
     return out
 
 
+def _non_local_mode(ctx: _Ctx, block: str, has_theta: bool, has_concat: bool) -> str:
+    """The non-local mode a checkpoint's modules imply: concat_project means concatenation, no
+    θ/φ means gaussian; θ/φ alone is embedded_gaussian or dot_product (the weights cannot tell:
+    the ``mode`` keyword picks, default embedded_gaussian)."""
+    if has_concat:
+        return ctx.fact(block, "mode", "concatenation")
+    if not has_theta:
+        return ctx.fact(block, "mode", "gaussian")
+    mode = ctx.kw.get("mode", "embedded_gaussian")
+    if mode not in ("embedded_gaussian", "dot_product"):
+        raise ConfigError(
+            f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): it has "
+            "theta/phi convs and no concat_project, so the mode is 'embedded_gaussian' or 'dot_product'"
+        )
+    return mode
+
+
 def _dims(ctx: _Ctx, key: str) -> int:
     nd = ctx.array(key).ndim - 2
     if nd not in (1, 2, 3):
@@ -243,18 +260,7 @@ def _alexhex7(ctx: _Ctx, prefix):
     g_key = p + ("g.0.weight" if sub else "g.weight")
     block = f"NonLocalBlock{_dims(ctx, g_key)}D"
     has_theta, has_concat = p + "theta.weight" in s, p + "concat_project.0.weight" in s
-    if has_concat:
-        mode = ctx.fact(block, "mode", "concatenation")
-    elif not has_theta:
-        mode = ctx.fact(block, "mode", "gaussian")
-    else:
-        mode = ctx.kw.get("mode", "embedded_gaussian")
-        if mode not in ("embedded_gaussian", "dot_product"):
-            raise ConfigError(
-                f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): "
-                "it has theta/phi convs and no concat_project, so the mode is "
-                "'embedded_gaussian' or 'dot_product'"
-            )
+    mode = _non_local_mode(ctx, block, has_theta, has_concat)
     g = ctx.array(g_key)
     cfg = {
         "in_channels": ctx.fact(block, "in_channels", int(g.shape[1])),
@@ -634,17 +640,7 @@ def _mmcv_nonlocal(ctx: _Ctx, p: str, use_scale: bool = True) -> _Import:
         )
     else:
         block = f"NonLocalBlock{nd}D"
-        if has_concat:
-            mode = ctx.fact(block, "mode", "concatenation")
-        elif not has_theta:
-            mode = ctx.fact(block, "mode", "gaussian")
-        else:
-            mode = ctx.kw.get("mode", "embedded_gaussian")
-            if mode not in ("embedded_gaussian", "dot_product"):
-                raise ConfigError(
-                    f"{block}: keyword mode={mode!r} contradicts the checkpoint ({ctx.where}): it has "
-                    "theta/phi convs and no concat_project, so the mode is 'embedded_gaussian' or 'dot_product'"
-                )
+        mode = _non_local_mode(ctx, block, has_theta, has_concat)
         ci = int(g.shape[0])
         scaled = use_scale and mode == "embedded_gaussian"
         cfg = {
