@@ -101,6 +101,20 @@ class ChannelAttention(Block):
         return (y, attn) if return_attention else y
 
 
+def criss_cross(x, gamma, q, k, v):
+    """One criss-cross pass: x, v (B, H, W, C), q, k (B, H, W, c), γ (1,) -> (x + γ·out (B, H, W, C),
+    attention (B, H, W, H + W), column (itself masked) then row). Energies and softmax in float32
+    (or wider) for half inputs. The same function as ``nlattn.torch.attention.criss_cross``."""
+    h = x.shape[1]
+    itself = jnp.eye(h, dtype=bool)[:, None, :]  # (h, 1, h'): column self-mask
+    qw, kw = q.astype(work_dtype(q.dtype)), k.astype(work_dtype(k.dtype))
+    e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", qw, kw))
+    e_row = jnp.einsum("bhwc,bhvc->bhwv", qw, kw)
+    attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1).astype(v.dtype)
+    out = jnp.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + jnp.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
+    return gamma * out + x, attn
+
+
 class CrissCrossAttention(_QKV):
     """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
 
@@ -113,14 +127,7 @@ class CrissCrossAttention(_QKV):
 
     def __call__(self, x, return_attention: bool = False):
         x = self.check_input(x)
-        h = x.shape[1]
-        itself = jnp.eye(h, dtype=bool)[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
-            qw, kw = q.astype(work_dtype(q.dtype)), k.astype(work_dtype(k.dtype))  # float32 energies
-            e_col = jnp.where(itself, -jnp.inf, jnp.einsum("bhwc,bgwc->bhwg", qw, kw))
-            e_row = jnp.einsum("bhwc,bhvc->bhwv", qw, kw)
-            attn = jax.nn.softmax(jnp.concatenate([e_col, e_row], -1), -1).astype(v.dtype)
-            out = jnp.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + jnp.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
-            x = self.param(self.gamma) * out + x
+            x, attn = criss_cross(x, self.param(self.gamma), q, k, v)
         return (x, attn) if return_attention else x

@@ -100,6 +100,24 @@ class ChannelAttention(Block):
         return (y, attn) if return_attention else y
 
 
+def criss_cross(x, gamma, q, k, v):
+    """One criss-cross pass: x, v (B, H, W, C), q, k (B, H, W, c), ``gamma`` the block's γ (a
+    ``Scale`` layer) -> (x + γ·out (B, H, W, C), attention (B, H, W, H + W), column (itself masked)
+    then row). Energies and softmax in float32 (or wider) for half inputs. The same function as
+    ``nlattn.torch.attention.criss_cross``."""
+    h = ops.shape(x)[1]
+    rows = ops.arange(h)
+    itself = (rows[:, None] == rows[None, :])[:, None, :]  # (h, 1, h'): column self-mask
+    wide = work_dtype(q.dtype)
+    qw, kw = ops.cast(q, wide), ops.cast(k, wide)
+    e_col = ops.einsum("bhwc,bgwc->bhwg", qw, kw)
+    e_col = ops.where(itself, ops.cast(float("-inf"), wide), e_col)
+    e_row = ops.einsum("bhwc,bhvc->bhwv", qw, kw)
+    attn = ops.cast(ops.softmax(ops.concatenate([e_col, e_row], axis=-1)), v.dtype)
+    out = ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
+    return gamma(out) + x, attn
+
+
 @keras.saving.register_keras_serializable(package="nlattn")
 class CrissCrossAttention(_QKV):
     """CCNet criss-cross attention, ``recurrence`` passes with shared weights.
@@ -112,17 +130,7 @@ class CrissCrossAttention(_QKV):
     config_class = CrissCrossAttentionConfig
 
     def call_channels_last(self, x, training, return_attention):
-        h = ops.shape(x)[1]
-        rows = ops.arange(h)
-        itself = (rows[:, None] == rows[None, :])[:, None, :]  # (h, 1, h'): column self-mask
         for _ in range(self.spec.recurrence):
             q, k, v = self.qkv(x)
-            wide = work_dtype(q.dtype)  # energies and softmax in float32 (or wider)
-            qw, kw = ops.cast(q, wide), ops.cast(k, wide)
-            e_col = ops.einsum("bhwc,bgwc->bhwg", qw, kw)
-            e_col = ops.where(itself, ops.cast(float("-inf"), wide), e_col)
-            e_row = ops.einsum("bhwc,bhvc->bhwv", qw, kw)
-            attn = ops.cast(ops.softmax(ops.concatenate([e_col, e_row], axis=-1)), v.dtype)
-            out = ops.einsum("bhwg,bgwc->bhwc", attn[..., :h], v) + ops.einsum("bhwv,bhvc->bhwc", attn[..., h:], v)
-            x = self.gamma(out) + x
+            x, attn = criss_cross(x, self.gamma, q, k, v)
         return (x, attn) if return_attention else x
