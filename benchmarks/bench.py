@@ -73,8 +73,7 @@ def flops_embedded_gaussian(h, w, c):
 
 
 def flops_gaussian(h, w, c):
-    """No θ/φ convs: g and W 4NCCi; xᵀ·pool(x) over all C channels 2NMC; A·g 2NMCi (torch's SDPA
-    pads g to C channels: 2NMC there)."""
+    """No θ/φ convs: g and W 4NCCi; xᵀ·pool(x) over all C channels 2NMC; A·g 2NMCi."""
     n, m, ci = _non_local_sizes(h, w, c)
     return 4 * n * c * ci + 2 * n * m * c + 2 * n * m * ci
 
@@ -99,10 +98,7 @@ def flops_concatenation(h, w, c):
 
 
 def flops_sagan(h, w, c):
-    """Q, K (C -> Cq) and V (C -> C) 1×1 convs 2NC(2Cq + C); QKᵀ 2N²Cq; A·V 2N²C (PAM: the same).
-
-    The work the block needs: torch's SDPA path zero-pads q and k to C channels (its CPU flash
-    kernel wants one head width), so it really does 2N²C for QKᵀ, 1.8× this count in all."""
+    """Q, K (C -> Cq) and V (C -> C) 1×1 convs 2NC(2Cq + C); QKᵀ 2N²Cq; A·V 2N²C (PAM: the same)."""
     n, cq = h * w, c // 8
     return 2 * n * c * (2 * cq + c) + 2 * n * n * cq + 2 * n * n * c
 
@@ -123,6 +119,24 @@ FLOPS = {
     "pam": flops_sagan,
     "cca": flops_cca,
 }
+
+
+def recomputed_flops(block, h, w, c):
+    """Softmax blocks: the energies' FLOPs 2NM·c (c-wide queries and keys), which the fast path's
+    recomputing backward does once more in a training step; 0 for the others."""
+    if block in ("sagan", "pam"):
+        return 2 * (h * w) ** 2 * (c // 8)
+    if block in ("embedded_gaussian", "gaussian"):
+        n, m, ci = _non_local_sizes(h, w, c)
+        return 2 * n * m * (c if block == "gaussian" else ci)
+    return 0
+
+
+def path_flops(block, h, w, c, train=False):
+    """FLOPs of the fast path: the forward's, or a training step's — every product's backward is
+    two products of its size (3× the forward), plus the softmax blocks' recomputed energies."""
+    forward = FLOPS[block](h, w, c)
+    return 3 * forward + recomputed_flops(block, h, w, c) if train else forward
 
 
 def naive_skip_reason(block, size, c):
@@ -408,8 +422,7 @@ def table_rows(framework, rows, peak, train=False):
         mem = fast["peak_mib"] / naive["peak_mib"] if both and naive["peak_mib"] > 0 else None
         cells.append(_cell(mem, ".3f"))
         if fast_ms is not None:
-            # a training step: the backward of each product is two products of its size
-            gflops = (3 if train else 1) * FLOPS[block](size, size, c) / (fast_ms / 1e3) / 1e9
+            gflops = path_flops(block, size, size, c, train) / (fast_ms / 1e3) / 1e9
             cells.append(f"{gflops:.1f} ({100 * gflops / peak:.0f}%)" if peak else f"{gflops:.1f}")
         else:
             cells.append("–")

@@ -23,8 +23,8 @@ the channels-first input shape given:
   e.g. the energies before a softmax), and its backward holds the gradient of the output of the op
   it is at and of that op's inputs; parameter gradients are added. Framework workspaces are not
   counted unless ``framework`` is given: then the Keras / Flax chunked softmax holds one chunk's
-  ``query_chunk_size`` × M relation (and its exponentials), and torch's flash kernel, which tiles
-  with a small workspace, gets zero-padded copies of the narrower of q/k and v (docs/design.md §6).
+  ``query_chunk_size`` × M relation (and its exponentials), torch's (on the CPU) one
+  (batch·heads, chunk, M) block of about ``specs.CHUNK_ELEMENTS`` elements (docs/design.md §6).
 * **auto**: the path ``implementation="auto"`` takes without ``return_attention`` — the fast one
   where the block has one (the same rule in every framework, docs/design.md §2).
 """
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .specs import BlockConfig, Gate, config_class, make_config, tensors
+from .specs import BlockConfig, Gate, config_class, make_config, query_chunk, tensors
 
 #: tensor kinds counted as buffers, not trainable parameters
 STATISTICS = ("bn_mean", "bn_var")
@@ -149,7 +149,8 @@ def info(
     if framework is not None and fw is None:
         raise ConfigError(f"info: unknown framework {framework!r}; use 'torch', 'tf' (Keras) or 'jax' (Flax)")
     workspace = _Workspace(
-        pad=fw == "torch", chunk=(query_chunk_size or DEFAULT_QUERY_CHUNK_SIZE) if fw in ("tf", "jax") else None
+        chunk=(query_chunk_size or DEFAULT_QUERY_CHUNK_SIZE) if fw in ("tf", "jax") else None,
+        chunk_elements=fw == "torch",
     )
     spec.check_input_shape(shape)
     if dtype not in _BYTES:
@@ -207,8 +208,8 @@ def _spec(block, config, shape: tuple[int, ...]) -> BlockConfig:
 class _Workspace:
     """What a framework's fast softmax path holds besides the block's tensors."""
 
-    pad: bool = False  # torch: the narrower of q/k and v zero-padded to one width
     chunk: int | None = None  # Keras / Flax: queries per chunk of the relation
+    chunk_elements: bool = False  # torch: queries per chunk from specs.query_chunk
 
 
 @dataclass
@@ -330,12 +331,8 @@ def _non_local(g: _Graph, cfg, shape, fast: bool, ws: _Workspace) -> None:
 
 def _softmax_attention(g: _Graph, ws: _Workspace, b, n, m, ck, cv, h, qkv, flops) -> int:
     """The fast softmax path's output (N·Cv), with the framework's workspace."""
-    work = 2 * h * b * min(ws.chunk, n // b) * (m // b) if ws.chunk else 0  # energies and exponentials
-    if ws.pad and ck != cv:  # one width for q, k and v: copies of the narrower side
-        q, k, v = qkv
-        narrow = (q, k) if ck < cv else (v,)
-        sizes = {q: n, k: m, v: m}
-        qkv = (*(g.op(sizes[t] * max(ck, cv), t) for t in narrow), *(t for t in qkv if t not in narrow))
+    chunk = query_chunk(h * b, m // b) if ws.chunk_elements else ws.chunk
+    work = 2 * h * b * min(chunk, n // b) * (m // b) if chunk else 0  # energies and exponentials (or dS)
     return g.op(n * cv, *qkv, flops=flops, workspace=work)
 
 

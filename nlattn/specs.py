@@ -335,7 +335,7 @@ class BlockConfig:
     #: whether ``implementation="auto"`` has a path of its own that never forms the N×M relation
     fast_path: ClassVar[bool] = False
     #: whether that path is softmax attention, which Keras and Flax run ``query_chunk_size``
-    #: queries at a time (torch's flash kernel tiles the queries itself)
+    #: queries at a time (torch picks its chunk itself: ``query_chunk``)
     query_chunked: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -442,6 +442,22 @@ IMPLEMENTATIONS = ("auto", "naive")
 
 #: queries per step of the Keras / Flax chunked softmax attention
 DEFAULT_QUERY_CHUNK_SIZE = 1024
+
+#: elements of the (batch × heads, chunk, M) block of energies (float32: 16 MiB) that torch's chunked
+#: softmax attention (nlattn/torch/kernels.py) holds at a time, forward and backward: the query chunk is this over
+#: batch·heads·M, at least MIN_QUERY_CHUNK. Chosen by measurement (training step, SAGAN's widths
+#: 32/256 at N = M = 16384, 2 loaded cores, same-run ratios to the materialising path, two runs):
+#: 64 queries 0.77/0.80×, 128 0.59/0.69×, 256 (4 M elements) 0.39/0.57×, 512 0.82/0.64×. Fewer rows
+#: starve the matmuls (K = c = 32 products are memory-bound); more leave the cache between the
+#: softmax passes and the products.
+CHUNK_ELEMENTS = 1 << 22
+MIN_QUERY_CHUNK = 16
+
+
+def query_chunk(groups: int, m: int) -> int:
+    """Queries per step for M keys in ``groups`` (batch × heads) attentions: CHUNK_ELEMENTS / (groups·M),
+    at least MIN_QUERY_CHUNK."""
+    return max(MIN_QUERY_CHUNK, CHUNK_ELEMENTS // max(groups * m, 1))
 
 
 @dataclass

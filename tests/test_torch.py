@@ -168,8 +168,8 @@ def test_fast_path_never_materialises_the_relation(block, config, monkeypatch):
     """Neither the forward nor the backward (the training step's input and parameter gradients)."""
     n = 16 * 16
     # the chunked softmax attention's (heads, chunk, M) block: 16 rows here, as at N·M beyond its budget
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 16 * n)
-    monkeypatch.setattr(kernels, "MIN_QUERY_CHUNK", 1)
+    monkeypatch.setattr(nlattn.specs, "CHUNK_ELEMENTS", 16 * n)
+    monkeypatch.setattr(nlattn.specs, "MIN_QUERY_CHUNK", 1)
     m, w = build(block, config)
     naive, _ = build(block, config, implementation="naive")
     x = rand((1, config["in_channels"], 16, 16))
@@ -223,18 +223,43 @@ def test_criss_cross_backward_stores_only_row_and_column_energies():
     [
         ("NonLocalBlock2D", dict(in_channels=8)),
         ("NonLocalBlock2D", dict(in_channels=8, num_heads=2, share_query_key=True, bn_layer=False)),
+        ("SelfAttention", dict(in_channels=8, qk_ratio=4)),
     ],
-    ids=["embedded", "sharedqk-heads"],
+    ids=["embedded", "sharedqk-heads", "sagan"],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_softmax_blocks_run_the_flash_kernel(block, config, dtype):
-    """Where θ and g have one width: only the CPU flash kernel is allowed, SDPA raises if its
-    inputs do not qualify for it. (Unequal widths take the chunked path: tests at the end.)"""
-    m, _ = build(block, config, dtype=dtype)
-    x = rand((2, config["in_channels"], 5, 7), dtype=dtype).requires_grad_(True)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        m(x).sum().backward()
+def test_softmax_blocks_stay_off_sdpa_on_the_cpu(block, config, monkeypatch):
+    """On the CPU every softmax block takes the chunked kernel, forward and backward: SDPA's CPU
+    kernel turns peaked rows into denormals (kernels.softmax_attention)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SDPA called on the CPU")
+
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", refuse)
+    m, _ = build(block, config)
+    x = rand((2, config["in_channels"], 5, 7)).requires_grad_(True)
+    m(x).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("widths", [(6, 6), (2, 6), (6, 3)], ids=["equal", "narrow-qk", "narrow-v"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_sdpa_path_is_the_materialised_one(widths, dtype):
+    """The path other devices take (SDPA, the narrower widths zero-padded), here on SDPA's CPU
+    flash kernel only (it raises if the inputs do not qualify): output and gradients against
+    float64 autograd through the formed matrix, within §5's tolerance for the dtype."""
+    c, cv = widths
+    q, k, v = (t.detach() for t in _qkv(11, 9, c, cv))
+    low = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    wide = [t.detach().double().requires_grad_(True) for t in low]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = kernels._flash_attention(*low, 0.7)
+        got.sum().backward()
+    want = _materialised(*wide, 0.7)
+    want.sum().backward()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 2e-2}[dtype]
+    assert got.shape == want.shape and error(numpy(got), numpy(want)) <= tol
+    for g, w in zip(low, wide):
+        assert error(numpy(g.grad), numpy(w.grad)) <= tol
 
 
 @pytest.mark.parametrize(
@@ -393,8 +418,8 @@ def test_chunked_softmax_attention_has_no_second_derivative():
 def test_chunked_blocks_train_as_the_naive_ones(block, config, monkeypatch):
     """The training step (train mode, batch statistics) of the fast path equals the naive path's:
     output, input and parameter gradients, float64, with 5-query chunks (a ragged last one)."""
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "MIN_QUERY_CHUNK", 5)
+    monkeypatch.setattr(nlattn.specs, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(nlattn.specs, "MIN_QUERY_CHUNK", 5)
     x = rand((2, config["in_channels"], 4, 6), torch.float64)
     d_out = rand(x.shape, torch.float64, seed=3)
     results = []
@@ -406,6 +431,43 @@ def test_chunked_blocks_train_as_the_naive_ones(block, config, monkeypatch):
         results.append([out, xg.grad, *(p.grad for p in m.parameters())])
     for fast, naive in zip(*results):
         assert error(numpy(fast), numpy(naive)) <= 1e-12
+
+
+class _DenormalExp(TorchDispatchMode):
+    """Counts the float32 denormals (0 < |p| < 1.2e-38) in every exp's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.denormals = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.exp.default, torch.ops.aten.exp_.default):
+            tiny = torch.finfo(torch.float32).tiny
+            self.denormals += int(((out != 0) & (out.abs() < tiny)).sum())
+        return out
+
+
+def test_chunked_softmax_attention_never_exponentiates_to_denormals():
+    """Peaked rows (energies spread over ~2000, as gaussian mode's x·x over many channels gives):
+    the float32 kernel equals float64 autograd through the formed matrix (output and gradients,
+    §5's float32 tolerance), and no exp in forward or backward returns a float32 denormal (x86
+    computes with those ~100× slower)."""
+    q, k, v = (t.detach() for t in _qkv(40, 24, 8, 16, dtype=torch.float32))
+    q = 30 * q
+    q32, k32, v32 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    wide = [t.double().requires_grad_(True) for t in (q, k, v)]
+    d_out = rand((2, 2, 40, 16), torch.float64, seed=9)
+    with _DenormalExp() as mode:
+        got = kernels.softmax_attention(q32, k32, v32, query_chunk_size=16)
+        got.backward(d_out.float())
+    want = _materialised(*wide, 1.0)
+    want.backward(d_out)
+    assert float(torch.softmax(wide[0] @ wide[1].transpose(-1, -2), -1).min()) < 1e-38  # the rows do peak
+    assert mode.denormals == 0
+    assert error(numpy(got), numpy(want)) <= 1e-5
+    for g, w in zip((q32, k32, v32), wide):
+        assert error(numpy(g.grad), numpy(w.grad)) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

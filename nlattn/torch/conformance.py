@@ -25,7 +25,7 @@ class Built:
 
 
 class TorchAdapter(Adapter):
-    """Blocks built with ``implementation="auto"``: the fast paths (SDPA, re-association, sorting)."""
+    """Blocks built with ``implementation="auto"``: the fast paths (chunked softmax, re-association, sorting)."""
 
     name = "torch"
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")

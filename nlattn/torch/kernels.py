@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import specs
 from ._base import without_autocast, work_dtype
 
 
@@ -30,33 +31,29 @@ def energies(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return q.to(wide) @ k.to(wide).transpose(-1, -2)
 
 
-#: elements of the (batch × heads, chunk, M) block of energies (float32: 16 MiB) that the chunked
-#: softmax attention holds at a time, forward and backward: the query chunk is this over
-#: batch·heads·M, at least MIN_QUERY_CHUNK. Chosen by measurement (training step, SAGAN's widths
-#: 32/256 at N = M = 16384, 2 loaded cores, same-run ratios to the materialising path, two runs):
-#: 64 queries 0.77/0.80×, 128 0.59/0.69×, 256 (4 M elements) 0.39/0.57×, 512 0.82/0.64×. Fewer rows
-#: starve the matmuls (K = c = 32 products are memory-bound); more leave the cache between the
-#: softmax passes and the products.
-CHUNK_ELEMENTS = 1 << 22
-MIN_QUERY_CHUNK = 16
-
-
-def query_chunk(groups: int, m: int) -> int:
-    """Queries per step for M keys in ``groups`` (batch × heads) attentions: CHUNK_ELEMENTS / (groups·M),
-    at least MIN_QUERY_CHUNK."""
-    return max(MIN_QUERY_CHUNK, CHUNK_ELEMENTS // max(groups * m, 1))
+#: floor of the shifted energies eᵢⱼ − maxⱼ eᵢⱼ (and eᵢⱼ − Lᵢ in the backward) before exp. Without
+#: it a peaked row (gaussian mode: x·x over C = 256 channels spreads the energies over hundreds)
+#: gives probabilities below 1.2e-38, float32 denormals, which x86 handles in microcode: measured
+#: (1 thread, a 256 × 16384 chunk) exp 70× and the P·V product 200× slower, the whole gaussian
+#: training step at 64² 16×. exp(−60) ≈ 9e-27: clamping moves a row's result by at most M·9e-27
+#: relative, far below float32 (and float64 tolerance) rounding.
+ENERGY_FLOOR = -60.0
 
 
 def softmax_attention(q, k, v, scale: float | None = None, query_chunk_size: int | None = None) -> torch.Tensor:
     """softmax_j(scale·qᵢ·kⱼ) v for q (B, h, N, c), k (B, h, M, c), v (B, h, M, cv) -> (B, h, N, cv).
 
-    Equal widths (c == cv) and no ``query_chunk_size``: ``F.scaled_dot_product_attention``, whose
-    CPU flash kernel tiles the queries and recomputes in its backward (measured at N = 16384,
-    M = 4096, c = cv = 128: forward 0.7-0.8× the time of the chunked path below, training step
-    about equal). Unequal widths (SAGAN/PAM: c = C/8, cv = C; gaussian: c = C, cv = C/2), or an
-    explicit ``query_chunk_size``: ``_ChunkedSoftmaxAttention``, exact FLOPs for both widths,
-    ``query_chunk_size`` queries at a time (default ``query_chunk``). Either way no (N, M)
-    tensor exists, forward or backward: at most one (batch·heads, chunk, M) block of energies.
+    On the CPU: ``_ChunkedSoftmaxAttention``, ``query_chunk_size`` queries at a time (default
+    ``specs.query_chunk``), exact FLOPs for unequal widths (SAGAN/PAM: c = C/8, cv = C; gaussian: c = C,
+    cv = C/2), the shifted energies floored at ``ENERGY_FLOOR``. Not SDPA there, although its CPU
+    flash kernel is faster on mild energies (training step at N = 16384, M = 4096,
+    c = cv = 128, 1 thread: 0.95 s against 1.1-1.3 s): once rows peak (energy spreads past ~90,
+    as trained unscaled non-local and SAGAN energies do) its probabilities turn into float32
+    denormals and the same step takes 11.6 s against 1.2 s here; unequal widths it would also pad.
+    On other devices, where denormals cost nothing, and when tracing (ONNX export: SDPA has an
+    export, a chunk loop would fix N in the graph), without ``query_chunk_size``:
+    ``F.scaled_dot_product_attention``. Either way no (N, M) tensor exists, forward or backward:
+    at most one (batch·heads, chunk, M) block of energies.
 
     Half-precision inputs: energies, softmax and sums run in float32 and the result is cast back.
     Gradients are exact; a second derivative (``create_graph=True``) is not supported on the
@@ -64,21 +61,19 @@ def softmax_attention(q, k, v, scale: float | None = None, query_chunk_size: int
     """
     if scale is None:
         scale = 1.0
-    if (q.shape[-1] == v.shape[-1] and query_chunk_size is None) or torch.jit.is_tracing():
-        # tracing (ONNX export): SDPA has an export; a chunk loop would fix N in the graph
+    if torch.jit.is_tracing() or (q.device.type != "cpu" and query_chunk_size is None):
         return _flash_attention(q, k, v, scale)
     dtype, wide = v.dtype, work_dtype(v.dtype)
     *lead, n, _ = q.shape
     m, cv = k.shape[-2], v.shape[-1]
-    chunk = query_chunk(math.prod(lead), m) if query_chunk_size is None else int(query_chunk_size)
+    chunk = specs.query_chunk(math.prod(lead), m) if query_chunk_size is None else int(query_chunk_size)
     if chunk < 1:
         raise ValueError(f"softmax_attention: query_chunk_size must be >= 1, got {query_chunk_size!r}")
     with without_autocast(q.device):
         # the scale is folded into q once (N·c products instead of N·M), after the cast (a
         # half-precision q·scale would round the energies), outside the Function so that autograd
         # carries it and the casts back to the caller's q. Row-major copies (N·c, not N·M): the
-        # blocks hand over channels-first views, on which the accumulating products (addmm_ into
-        # a column-major dk) fell off BLAS: 0.6 GFLOP/s, 100× slower (gaussian mode, 32²)
+        # blocks hand over channels-first views, and the products want row-major operands
         q3, k3, v3 = (t.reshape(-1, *t.shape[-2:]).contiguous() for t in (q.to(wide) * scale, k.to(wide), v.to(wide)))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q3, k3, v3)):
             out = _ChunkedSoftmaxAttention.apply(q3, k3, v3, chunk)
@@ -107,7 +102,7 @@ def _attend(q, k, v, chunk: int, with_lse: bool = False):
         rows = slice(i, i + chunk)
         p = torch.bmm(q[:, rows], kt)  # (G, chunk, M) energies, then in place the unnormalised P
         top = p.amax(-1, keepdim=True)
-        p.sub_(top).exp_()
+        p.sub_(top).clamp_(min=ENERGY_FLOOR).exp_()
         total = p.sum(-1, keepdim=True)
         out[:, rows] = torch.bmm(p, v).div_(total)
         if lse is not None:
@@ -143,17 +138,23 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         with without_autocast(q.device):
             d_out = d_out.to(out.dtype).contiguous()  # the blocks' layout changes hand it over transposed
             delta = (d_out * out).sum(-1, keepdim=True)  # Dᵢ (G, N, 1)
-            dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-            kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+            # dk accumulated transposed (c, M) and vᵀ laid out row-major once: the products that
+            # read them run 1.5× (dkᵀ += qᵀ dS) and 1.3× (dO vᵀ) faster than on the transposed views
+            dq = torch.empty_like(q)
+            dkt = q.new_zeros(k.shape[0], k.shape[2], k.shape[1])
+            dv = torch.zeros_like(v)
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2).contiguous()
             for i in range(0, q.shape[1], ctx.chunk):
                 rows = slice(i, i + ctx.chunk)
                 qc, doc = q[:, rows], d_out[:, rows]
-                p = torch.bmm(qc, kt).sub_(lse[:, rows]).exp_()  # P of this chunk (G, chunk, M)
+                p = (
+                    torch.bmm(qc, kt).sub_(lse[:, rows]).clamp_(min=ENERGY_FLOOR).exp_()
+                )  # P of this chunk (G, chunk, M)
                 dv.baddbmm_(p.transpose(1, 2), doc)
                 ds = torch.bmm(doc, vt).sub_(delta[:, rows]).mul_(p)  # dS = P ∘ (dP − D)
                 dq[:, rows] = torch.bmm(ds, k)
-                dk.baddbmm_(ds.transpose(1, 2), qc)
-        return dq, dk, dv, None
+                dkt.baddbmm_(qc.transpose(1, 2), ds)
+        return dq, dkt.transpose(1, 2), dv, None
 
 
 def dot_product_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
