@@ -458,6 +458,11 @@ def main(argv=None):
         action="store_true",
         help="time a training step: train mode, gradients of sum(out) w.r.t. the input and every parameter",
     )
+    p.add_argument(
+        "--fast-only",
+        action="store_true",
+        help="run the fast path only (a memory check where the naive one would not fit or would take hours)",
+    )
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     p.add_argument(
@@ -489,13 +494,20 @@ def main(argv=None):
         jobs += [(fw, b, s, impl) for b in args.block for s in sizes for impl in ("naive", "auto")]
     progress, results = Progress(len(jobs)), {}
     for fw, block, size, impl in jobs:
-        reason = naive_skip_reason(block, size, c) if impl == "naive" else None
+        reason = (
+            None
+            if impl != "naive"
+            else "not run (--fast-only)"
+            if args.fast_only
+            else naive_skip_reason(block, size, c)
+        )
         if reason:
             results[fw, block, size, impl] = {"skipped": reason}
         else:
             # the fast/naive check re-runs the naive path: not at 128×128, where that is the costliest
             # run of all; 64×64 (N = 4096) already spans several 1024-query chunks
             check = impl == "auto" and size <= CHECK_MAX_SIZE and not naive_skip_reason(block, size, c)
+            check = check and not args.fast_only
             job = {
                 "framework": fw,
                 "block": block,
