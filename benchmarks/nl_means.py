@@ -123,7 +123,7 @@ def main(argv=None):
     if args.child:
         library, n, fast_mode, repeats, threads = args.child
         return child(library, int(n), bool(int(fast_mode)), int(repeats), int(threads))
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]  # the machine may be shared: the load goes with the figures
     for n in args.sizes:
         for fast_mode in (False, True):
             base = None
@@ -135,6 +135,7 @@ def main(argv=None):
                 cell = f"{t:.3f}" if t is not None else f"failed: {err[0][:60]}"
                 rows.append(f"| {n}² | {fast_mode} | {library} | {cell} | {ratio} |")
                 print(rows[-1], flush=True)
+    load.append(os.getloadavg()[0])
     table = "\n".join(
         [
             "| size | fast_mode | library | time (s) | speed-up vs scikit-image |",
@@ -149,7 +150,9 @@ def main(argv=None):
                 "Written by `benchmarks/nl_means.py` (see its docstring for the conditions): camera() crop, "
                 f"defaults (patch 7, distance 11, h 0.1), {args.threads} thread(s), best of {args.repeats}, "
                 "one process per measurement; speed-up = scikit-image time / library time, same fast_mode, "
-                "same run.\n\n" + table + "\n"
+                f"same run; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.\n\n"
+                + table
+                + "\n"
             )
 
 

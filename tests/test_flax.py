@@ -8,6 +8,7 @@ tests/test_blocks.py."""
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from nlattn import WeightError
 from nlattn.conformance import CASES
 from nlattn.conformance.runner import error
 from nlattn.jax import kernels
-from nlattn.jax._base import Sequential
+from nlattn.jax._base import PointwiseConv, Sequential
 from nlattn.jax.conformance import FlaxAdapter, FlaxMixedAdapter, FlaxNaiveAdapter
 from nlattn.jax.nl_means import fast_exp
 from nlattn.numpy_ref import nl_means as nl_means_ref
@@ -399,12 +400,33 @@ def traced(name, **dtypes):
     graphdef, state = nnx.split(block)
     x = jax.ShapeDtypeStruct(shape_of(name), jnp.float32)
     attention = spec_of(name).attention is not None
-    jaxpr = jax.make_jaxpr(lambda s, x: _outputs(nnx.merge(graphdef, s), x, False))(state, x)
+    # 1×1 convs traced as the convs they are (PointwiseConv runs them as dots with nnx.Conv's
+    # own dtype rules: test_pointwise_conv_is_the_conv)
+    with mock.patch.object(PointwiseConv, "__call__", nnx.Conv.__call__):
+        jaxpr = jax.make_jaxpr(lambda s, x: _outputs(nnx.merge(graphdef, s), x, False))(state, x)
     outs = [v.dtype.name for v in jaxpr.out_avals]
     convs = [e.invars[0].aval.dtype.name for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     if attention:
         outs += [v.dtype.name for v in jax.eval_shape(lambda s, x: _outputs(nnx.merge(graphdef, s), x, True), state, x)]
     return block, outs, convs
+
+
+@pytest.mark.parametrize(
+    "dtypes", [{}, {"dtype": jnp.bfloat16}, {"param_dtype": jnp.bfloat16}], ids=["f32", "bf16-compute", "bf16-params"]
+)
+def test_pointwise_conv_is_the_conv(dtypes):
+    """The 1×1 convs the blocks build run as dots: the same output, dtype and gradients as
+    ``nnx.Conv`` with the same parameters."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5, 6)), jnp.float32)
+    conv = nnx.Conv(6, 4, (1, 1), rngs=nnx.Rngs(0), **dtypes)
+    pointwise = PointwiseConv(6, 4, (1, 1), rngs=nnx.Rngs(0), **dtypes)
+    want, got = conv(x), pointwise(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-5 if want.dtype == jnp.float32 else 2e-2
+    assert error(np.asarray(got, np.float64), np.asarray(want, np.float64)) <= tol
+    grads = [nnx.grad(lambda m: (m(x).astype(jnp.float32) ** 2).sum())(m) for m in (pointwise, conv)]
+    for g, w in zip(*(jax.tree.leaves(g) for g in grads)):
+        assert error(np.asarray(g, np.float64), np.asarray(w, np.float64)) <= tol
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -558,3 +580,85 @@ def test_fast_path_gradient_holds_nothing_as_large_as_the_relation(name, config)
         largest[impl] = _largest_intermediate(grad, state, x)
     assert largest["naive"] >= relation
     assert largest["auto"] < relation / 4, largest
+
+
+# ----------------------------------------------------------------------------------------------
+# the forward's key blocks (online softmax: running maximum, sum and output per query chunk)
+# ----------------------------------------------------------------------------------------------
+
+
+def _formed(q, k, v, scale):
+    return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) * (scale or 1.0)) @ v
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_attention_key_blocks_equal_the_materialised_relation(dtype):
+    """11 queries, 13 keys (two heads, c = 3 ≠ cv = 5) in key blocks of 4 (a ragged, padded last
+    block) with query chunks of 4 (ragged too), or of 1 with all queries at once: output and dq, dk, dv (the
+    backward reads the key-blocked forward's log-sum-exp) against softmax(s·q kᵀ) v formed in float64."""
+    r = np.random.default_rng(2)
+    q, k = (r.normal(size=(2, 2, n, 3)) for n in (11, 13))
+    v, d_out = r.normal(size=(2, 2, 13, 5)), r.normal(size=(2, 2, 11, 5))
+    tol = {"float32": TOL, "float64": 1e-9}[dtype]
+    with jax.enable_x64(True):
+        for scale, chunk, block in ((0.5, 4, 4), (None, 64, 1)):
+            out, pull = jax.vjp(lambda q, k, v, s=scale: _formed(q, k, v, s), q, k, v)
+            want = (out, *pull(d_out))
+            args = [jnp.asarray(t, dtype) for t in (*(q, k, v), d_out)]
+
+            def fast(q, k, v, d_out, s=scale, c=chunk, b=block):
+                f = lambda q, k, v: kernels.softmax_attention(q, k, v, s, query_chunk_size=c, key_block_size=b)  # noqa: E731
+                out, pull = jax.vjp(f, q, k, v)
+                return (out, *pull(d_out))
+
+            got = jax.jit(fast)(*args)
+            for g, w in zip(got, want):
+                assert g.dtype == dtype and error(g, w) <= tol, (scale, chunk, block)
+
+
+def test_softmax_attention_key_blocks_propagate_nan_and_inf_as_the_relation():
+    """A NaN key, a key block of +inf energies and one of −inf energies (keys with an infinite
+    channel): NaN exactly where the formed softmax has it, the rest equal; a whole first block of
+    −inf energies must not turn the running sum into NaN (exp(−inf − (−inf)))."""
+    r = np.random.default_rng(3)
+    q = np.abs(r.normal(size=(2, 1, 6, 3))) + 0.1  # positive: sign(e) = sign(k)
+    k, v = r.normal(size=(2, 1, 12, 3)), r.normal(size=(2, 1, 12, 2))
+    k[0, 0, 0:4, 0], k[1, 0, 4:8, 2] = -np.inf, np.inf
+    attend = jax.jit(lambda q, k, v: kernels.softmax_attention(q, k, v, query_chunk_size=4, key_block_size=4))
+    with jax.enable_x64(True):
+        want, got = _formed(q, k, v, None), attend(q, k, v)
+        # only the −inf block in batch 0: a finite result there, +inf energies in batch 1: NaN
+        assert bool(jnp.isfinite(want[0]).all()) and bool(jnp.isnan(want[1]).all())
+        assert bool((jnp.isnan(got) == jnp.isnan(want)).all()) and error(got[0], want[0]) <= 1e-12
+        k[0, 0, 5, 1] = np.nan
+        want, got = _formed(q, k, v, None), attend(q, k, v)
+        assert bool(jnp.isnan(want).all()) and bool(jnp.isnan(got).all())
+
+
+def test_key_block_covers_the_keys_within_its_budget():
+    """Every M gets blocks that cover it with less padding than 8 keys a block, each block within
+    KEY_BLOCK_ELEMENTS (or MIN_KEY_BLOCK); M that fits is one block."""
+    for m in (1, 7, 500, 511, 512, 513, 1000, 4096, 4097, 16384, 65536):
+        for width in (1, 32, 128, 256, 384, 4096):
+            block = kernels.key_block(m, width)
+            steps = -(-m // block)
+            assert steps * block >= m > (steps - 1) * block and steps * block - m < 8 * steps
+            limit = max(kernels.MIN_KEY_BLOCK, kernels.KEY_BLOCK_ELEMENTS // width)
+            assert block <= limit and (block == m) == (m <= limit)
+
+
+def test_key_blocked_forward_holds_one_block_of_the_relation():
+    """N = M = 143 in query chunks of 16 and key blocks of 16 (a padded last block): nothing in
+    the forward has more than chunk · block elements of the relation; the gradient holds one
+    (chunk, M) block at a time (the recomputation of the backward), never N·M."""
+    q, k = jnp.ones((1, 1, 143, 3)), jnp.ones((1, 1, 143, 3))
+    v = jnp.ones((1, 1, 143, 5))
+
+    def fast(q, k, v):
+        return kernels.softmax_attention(q, k, v, query_chunk_size=16, key_block_size=16)
+
+    forward = _intermediate_shapes(fast, q, k, v)
+    relation_blocks = [s for s in forward if len(s) >= 2 and s[-1] == 16 and s[-2] == 16]
+    assert relation_blocks and max(int(np.prod(s)) for s in forward) < 143 * 143 / 4
+    grad = jax.grad(lambda q, k, v: jnp.sum(fast(q, k, v)), argnums=(0, 1, 2))
+    assert _largest_intermediate(grad, q, k, v) < 143 * 143 / 4

@@ -764,7 +764,7 @@ def test_criss_cross_stores_only_row_and_column_energies():
     x = rand((2, 9, 11, 8)).astype(np.float32)
     layer, _ = build("CrissCrossAttention", dict(in_channels=8))
     largest = max(np.prod(s) for _, s in _op_shapes(layer, x))
-    assert largest == 2 * 9 * 11 * (9 + 11)  # B·N·(H+W) energies, no more
+    assert largest == 2 * 9 * 11 * max(9, 11)  # B·N·max(H, W): row and column energies apart, no more
 
 
 @pytest.mark.parametrize("block, config", FAST, ids=[f"{b}-{c.get('mode', '')}" for b, c in FAST])

@@ -35,20 +35,55 @@ def energies(q: jax.Array, k: jax.Array) -> jax.Array:
     return q.astype(wide) @ jnp.swapaxes(k.astype(wide), -1, -2)
 
 
+#: elements of one (key block, width) slice of k or v that the forward's inner step reads (512 KiB
+#: in float32): the key block is this over the wider of c and cv, at least MIN_KEY_BLOCK. Chosen by
+#: measurement (forward at N = 16384, 1024 queries per chunk, SAGAN's widths 32/256 and the
+#: non-local 128/128 and 256/128 at M = 4096, 2 loaded cores, CPU time against the materialising
+#: path in one process: 256 to 1024 keys 0.37-0.64×, all keys at once 0.95-1.06×). A block this
+#: small stays in cache between the product, the exponential and the second product; and it keeps
+#: every buffer XLA's CPU matmul library allocates per step (the packed v block above all) below
+#: glibc's mmap threshold, where all M keys per step cost a fresh mapping and its page faults for
+#: every chunk (3 GiB of faults per call at N = M = 16384, as many as the materialising path).
+KEY_BLOCK_ELEMENTS = 1 << 17
+MIN_KEY_BLOCK = 128
+
+
+def key_block(m: int, width: int) -> int:
+    """Keys per inner step for M keys of ``width`` channels (the wider of q/k and v, all heads):
+    M itself where it fits KEY_BLOCK_ELEMENTS, else M split evenly into as few blocks as fit
+    (a multiple of 8), so that the padding of the last block is small."""
+    block = max(MIN_KEY_BLOCK, KEY_BLOCK_ELEMENTS // max(width, 1))
+    if m <= block:
+        return m
+    steps = -(-m // (block // 8 * 8))
+    return -(-m // (8 * steps)) * 8
+
+
 def softmax_attention(
-    q, k, v, scale: float | None = None, query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE
+    q,
+    k,
+    v,
+    scale: float | None = None,
+    query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+    key_block_size: int | None = None,
 ) -> jax.Array:
     """softmax_j(scale·qᵢ·kⱼ) v without the (N, M) matrix: ``query_chunk_size`` queries at a time,
     forward and backward.
 
     Each query row's softmax needs all keys but no other query, so a chunk of queries is exact.
-    The forward keeps, besides the output, one log-sum-exp Lᵢ = log Σⱼ exp(eᵢⱼ) per query; the
-    backward (``jax.custom_vjp``) recomputes each chunk's probabilities P = exp(E − L) from it, so
-    neither pass holds more than one (chunk, M) block of the relation: training memory
+    Within a chunk the forward runs over blocks of ``key_block_size`` keys (default ``key_block``)
+    with a running maximum, sum and output, rescaled when the maximum grows (the online softmax
+    of flash attention), so that it holds one (chunk, key block) block of energies. It keeps,
+    besides the output, one log-sum-exp Lᵢ = log Σⱼ exp(eᵢⱼ) per query; the backward
+    (``jax.custom_vjp``) recomputes each chunk's probabilities P = exp(E − L) from it, so no pass
+    holds more than one (chunk, M) block of the relation: training memory
     O(chunk · M + (N + M)(c + cv)), for one more q kᵀ than the materialised gradient (c wide, the
-    cheap product where c < cv). N is zero-padded to a multiple of the chunk, the extra rows dropped.
+    cheap product where c < cv). N is zero-padded to a multiple of the chunk, M to one of the key
+    block (padded keys masked out), the extra rows dropped.
     """
-    return _softmax_attention(q, k, v, scale, query_chunk_size)
+    if key_block_size is None:
+        key_block_size = key_block(k.shape[-2], k.shape[1] * max(k.shape[-1], v.shape[-1]))
+    return _softmax_attention(q, k, v, scale, query_chunk_size, key_block_size)
 
 
 def _chunked(t: jax.Array, chunk: int) -> jax.Array:
@@ -70,19 +105,12 @@ def _scaled_energies(q, k, scale):
     return e if scale is None else e * scale
 
 
-def _attend(q, k, v, scale, chunk):
+def _attend(q, k, v, scale, chunk, block):
     """Output (B, h, N, cv) and log-sum-exp L (B, h, N, 1), both in float32 (or wider)."""
     wide = work_dtype(v.dtype)
     q, k, v = (t.astype(wide) for t in (q, k, v))
-
-    def rows(qc):  # one chunk of queries: the (chunk, M) block lives only in here
-        e = _scaled_energies(qc, k, scale)
-        top = jax.lax.stop_gradient(e.max(-1, keepdims=True))
-        p = jnp.exp(e - top)
-        total = p.sum(-1, keepdims=True)
-        # normalising the (chunk, cv) product, not the (chunk, M) probabilities: one pass less
-        return jnp.einsum("bhnm,bhmc->bhnc", p, v) / total, top + jnp.log(total)
-
+    m = k.shape[-2]
+    rows = _all_keys(k, v, scale) if m <= block else _key_blocks(k, v, scale, block)
     n = q.shape[-2]
     if n <= chunk:
         return rows(q)
@@ -90,17 +118,67 @@ def _attend(q, k, v, scale, chunk):
     return _unchunked(out, n), _unchunked(lse, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _softmax_attention(q, k, v, scale, chunk):
-    return _attend(q, k, v, scale, chunk)[0].astype(v.dtype)
+def _all_keys(k, v, scale):
+    """One chunk of queries against all keys at once: the (chunk, M) block lives only in here."""
+
+    def rows(qc):
+        e = _scaled_energies(qc, k, scale)
+        top = e.max(-1, keepdims=True)
+        p = jnp.exp(e - top)
+        total = p.sum(-1, keepdims=True)
+        # normalising the (chunk, cv) product, not the (chunk, M) probabilities: one pass less
+        return jnp.einsum("bhnm,bhmc->bhnc", p, v) / total, top + jnp.log(total)
+
+    return rows
 
 
-def _softmax_attention_fwd(q, k, v, scale, chunk):
-    out, lse = _attend(q, k, v, scale, chunk)
+def _key_blocks(k, v, scale, block):
+    """One chunk of queries, ``block`` keys at a time: running maximum, sum and output."""
+    m = k.shape[-2]
+    k_blocks, v_blocks = _chunked(k, block), _chunked(v, block)  # (steps, B, h, block, c | cv)
+    padded = k_blocks.shape[0] * block > m
+    # −inf energy for the padded keys of the last block: exp gives them weight 0
+    mask = jnp.where(jnp.arange(k_blocks.shape[0] * block) < m, 0.0, -jnp.inf).astype(k.dtype)
+    mask = mask.reshape(-1, block)
+
+    def step(qc, carry, keys):
+        out, top, total = carry
+        kb, vb, mb = keys
+        e = _scaled_energies(qc, kb, scale)
+        if padded:
+            e = e + mb
+        new_top = jnp.maximum(top, e.max(-1, keepdims=True))
+        # a row whose energies so far are all −inf keeps weight 0 (exp(−inf − 0)), not NaN
+        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
+        rescale = jnp.exp(top - shift)
+        p = jnp.exp(e - shift)
+        out = out * rescale + jnp.einsum("bhnm,bhmc->bhnc", p, vb)
+        return (out, new_top, total * rescale + p.sum(-1, keepdims=True)), None
+
+    def rows(qc):
+        shape = qc.shape[:-1]
+        start = (
+            jnp.zeros((*shape, v.shape[-1]), v.dtype),
+            jnp.full((*shape, 1), -jnp.inf, v.dtype),
+            jnp.zeros((*shape, 1), v.dtype),
+        )
+        (out, top, total), _ = jax.lax.scan(functools.partial(step, qc), start, (k_blocks, v_blocks, mask))
+        return out / total, top + jnp.log(total)
+
+    return rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _softmax_attention(q, k, v, scale, chunk, block):
+    return _attend(q, k, v, scale, chunk, block)[0].astype(v.dtype)
+
+
+def _softmax_attention_fwd(q, k, v, scale, chunk, block):
+    out, lse = _attend(q, k, v, scale, chunk, block)
     return out.astype(v.dtype), (q, k, v, out, lse)
 
 
-def _softmax_attention_bwd(scale, chunk, residuals, d_out):
+def _softmax_attention_bwd(scale, chunk, block, residuals, d_out):
     """dq, dk, dv by query chunks: with P = exp(E − L) recomputed and D = rowsum(dO ∘ O),
     dE = P ∘ (dO vᵀ − D); dv = Pᵀ dO, dq = s·dE k, dk = s·dEᵀ q (s the scale)."""
     q, k, v, out, lse = residuals

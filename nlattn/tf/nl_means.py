@@ -72,86 +72,126 @@ class NonLocalMeans(Block):
 
     def _filter(self, x):
         """The filter of x (B, H, W, C) in x's dtype; sizes may be symbolic."""
+        xt = ops.transpose(x, (0, 3, 1, 2))  # (B, C, H, W): the width the contiguous axis
         if self.spec.fast_mode:
-            return self._integral_image_filter(x)
-        return self._pixelwise_filter(x)
+            plane, values = self._integral_image_planes(xt)
+        else:
+            plane, values = self._pixelwise_planes(xt)
+        return ops.transpose(self._half_window_means(plane, values, xt), (0, 2, 3, 1))
 
-    def _pixelwise_filter(self, x):
-        """fast_mode=False: Gaussian patch distances, the row-wise cutoff, a clipped window."""
-        cfg = self.spec
-        _, height, width, c = ops.shape(x)
-        s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
-        w = cfg.patch_kernel(c).tolist()  # (s, s) constants
-        noise = c * 2.0 * cfg.sigma * cfg.sigma
-        padded = ops.pad(x, [[0, 0], [o, o], [o, o], [0, 0]], mode="reflect")  # every pixel a patch
-        # candidates beyond the image are never used (their weight is masked to 0): pad by d more
-        # with zeros so that every offset is one slice of the same shape
-        far = ops.pad(padded, [[0, 0], [d, d], [d, d], [0, 0]])
-        xs = ops.pad(x, [[0, 0], [d, d], [d, d], [0, 0]])
-        rows_idx = ops.arange(height)[:, None]
-        cols_idx = ops.arange(width)[None, :]
-        side = 2 * d + 1
+    def _half_window_means(self, plane, values, xt):
+        """Σ w·candidate / Σ w over the search window, each weight computed once for its pair
+        (the weights are symmetric, w(A, u) = w(A + u, −u), from the same terms in the same order).
 
-        def step(index, carry):  # one search offset (di, dj), row-major like the reference
+        ``plane(di, dj)`` gives the weights w(A, u), u = (di, dj), of the centres A at rows
+        −di … H + d − di − 1 and columns −d … W + d − 1 of the image (B, H + d, W + 2d): those
+        where A or A + u is in the image, 0 for a pair the window excludes. ``values`` (B, C,
+        H + 2d, W + 2d) holds the pixel values around the image (image pixel (r, c) at (d + r,
+        d + c)). One loop step per row of offsets di = 0 … d, one ``ops.map`` step per column
+        offset: the loop keeps each plane in memory, where XLA would otherwise fuse it into the
+        accumulation and recompute it, patch sum and all, at each of the 2d + 1 shifts. The centre
+        A in the image gets w·x(A + u); for di > 0, A + u in the image gets w·x(A) as well, which
+        accounts for the offset −u (the row di = 0 is computed whole).
+        """
+        b, c, height, width = ops.shape(xt)
+        d = self.spec.patch_distance
+        columns = tuple(range(-d, d + 1))
+        n = len(columns)
+
+        def step(di, carry):
             num, den = carry
-            di, dj = index // side - d, index % side - d
-            other = ops.slice(far, [0, d + di, d + dj, 0], ops.shape(padded))
-            sq = ops.sum(ops.square(padded - other), axis=-1) - noise  # (B, H+2o, W+2o)
-            partial, cut = None, None
-            for k in range(s):  # patch rows
-                row = sum(w[k][l] * sq[:, k : k + height, l : l + width] for l in range(s))
-                if partial is None:
-                    partial = row
-                    continue
-                # the cutoff is tested before rows 1 … s−1 are added (never on the full sum)
-                over = partial > NL_MEANS_DISTANCE_CUTOFF
-                cut = over if cut is None else ops.logical_or(cut, over)
-                partial = partial + row
-            inside = ops.logical_and(
-                ops.logical_and(rows_idx + di >= 0, rows_idx + di < height),
-                ops.logical_and(cols_idx + dj >= 0, cols_idx + dj < width),
+            weight = ops.map(lambda dj: plane(di, dj), ops.arange(-d, d + 1))  # (n, B, H + d, W + 2d)
+            own = ops.slice(weight, [0, 0, di, d], [n, b, height, width])  # A in the image
+            ahead = ops.slice(values, [0, 0, d + di, 0], [b, c, height, width + 2 * d])  # x(A + u)
+            num = num + sum(own[i, :, None] * ahead[..., d + dj : d + dj + width] for i, dj in enumerate(columns))
+            den = den + sum(own[i] for i in range(n))
+            # A + u in the image: rows 0 … H − 1 of the plane, A's column d − dj + c for A + u's c
+            behind = ops.slice(values, [0, 0, d - di, 0], [b, c, height, width + 2 * d])  # x(A)
+            given = weight[:, :, :height]
+            num_given = sum(
+                given[i, :, None, :, d - dj : d - dj + width] * behind[..., d - dj : d - dj + width]
+                for i, dj in enumerate(columns)
             )
-            # a NaN distance gives weight 0, as in the reference (its candidate still reaches num: 0·NaN)
-            drop = ops.logical_or(ops.logical_not(inside), ops.isnan(partial))
-            drop = drop if cut is None else ops.logical_or(cut, drop)
-            weight = fast_exp(-ops.maximum(partial, 0.0))
-            weight = ops.where(drop, ops.zeros_like(weight), weight)
-            candidate = ops.slice(xs, [0, d + di, d + dj, 0], ops.shape(x))
-            return num + weight[..., None] * candidate, den + weight[..., None]
+            den_given = sum(given[i, :, :, d - dj : d - dj + width] for i, dj in enumerate(columns))
+            # where, not a product: 0·NaN would spread a NaN pixel beyond the reference's window
+            return ops.where(di > 0, num + num_given, num), ops.where(di > 0, den + den_given, den)
 
-        num, den = ops.fori_loop(0, side * side, step, (ops.zeros_like(x), ops.zeros_like(x[..., :1])))
-        return num / den
+        init = (ops.zeros_like(xt), ops.zeros_like(xt[:, 0]))
+        num, den = ops.fori_loop(0, d + 1, step, init)
+        return num / den[:, None]
 
-    def _integral_image_filter(self, x):
-        """fast_mode=True: uniform box distances, an unclipped window over the reflect-padded image."""
+    def _pixelwise_planes(self, xt):
+        """fast_mode=False on xt (B, C, H, W): Gaussian patch distances (two 1-D passes), the
+        row-wise cutoff, weight 0 where A or A + u is outside the image (a clipped window)."""
         cfg = self.spec
-        _, height, width, c = ops.shape(x)
-        d, o, pad = cfg.patch_distance, cfg.patch_size // 2, cfg.fast_mode_pad
+        b, c, height, width = ops.shape(xt)
+        s, d, o = cfg.patch_size, cfg.patch_distance, cfg.patch_size // 2
+        rows_w, cols_w = (w.tolist() for w in cfg.separable_kernel(c))
         noise = c * 2.0 * cfg.sigma * cfg.sigma
-        scale = cfg.fast_mode_scale(c)
-        padded = _reflect(_reflect(x, pad, 1), pad, 2)  # (B, H + 2P, W + 2P, C)
+        # every image pixel a reflect-padded patch; around that zeros, never weighted: by d rows
+        # (centres −d … H + d − 1), by 2d columns (A + u for A at −d … W + d − 1)
+        patches = ops.pad(xt, [[0, 0], [0, 0], [o, o], [o, o]], mode="reflect")
+        patches = ops.pad(patches, [[0, 0], [0, 0], [d, d], [2 * d, 2 * d]])
+        rows, cols, wide = height + d + 2 * o, width + 2 * d + 2 * o, width + 2 * d
+        r = ops.arange(height + d)[:, None]  # plane row: the row of A + u
+        col = ops.arange(wide)[None, :] - d  # the column of A
+
+        def plane(di, dj):
+            centre = ops.slice(patches, [0, 0, d - di, d], [b, c, rows, cols])
+            other = ops.slice(patches, [0, 0, d, d + dj], [b, c, rows, cols])
+            sq = sum(ops.square(centre[:, k] - other[:, k]) for k in range(c)) - noise  # (B, rows, cols)
+            line = sum(cols_w[l] * sq[..., l : l + wide] for l in range(s))  # along the patch rows
+            partial = rows_w[0] * line[:, : height + d]
+            highest = None
+            for k in range(1, s):  # tested before rows 1 … s−1 are added: partial sums of rows 0 … s−2
+                if cfg.sigma > 0:  # terms can be negative: any partial sum may be the one above 5
+                    highest = partial if highest is None else ops.maximum(highest, partial)
+                partial = partial + rows_w[k] * line[:, k : k + height + d]
+                if cfg.sigma == 0 and k == s - 2:  # terms ≥ 0: the partial sums only grow
+                    highest = partial
+            keep = (r >= di) & (r < height) & (col >= 0) & (col < width) & (col + dj >= 0) & (col + dj < width)
+            if highest is not None:
+                keep = ops.logical_and(keep, ops.logical_not(highest > NL_MEANS_DISTANCE_CUTOFF))
+            # a NaN distance gives weight 0, as in the reference, whatever maximum(NaN, 0) gives
+            keep = ops.logical_and(keep, ops.logical_not(ops.isnan(partial)))
+            weight = fast_exp(-ops.maximum(partial, 0.0))
+            return ops.where(keep, weight, ops.zeros_like(weight))
+
+        return plane, ops.pad(xt, [[0, 0], [0, 0], [d, d], [d, d]])
+
+    def _integral_image_planes(self, xt):
+        """fast_mode=True on xt (B, C, H, W): uniform box distances, every pair of the unclipped
+        window over the reflect-padded image."""
+        cfg = self.spec
+        b, c, height, width = ops.shape(xt)
+        d, o, pad = cfg.patch_distance, cfg.patch_size // 2, cfg.fast_mode_pad
+        box, scale = 2 * o, cfg.fast_mode_scale(c)
+        noise = box * box * c * 2.0 * cfg.sigma * cfg.sigma  # per box pixel, summed over channels
+        padded = _reflect(_reflect(xt, pad, 2), pad, 3)  # (B, C, H + 2P, W + 2P)
+        # zeros beyond the reflection reach only planes' entries where neither A nor A + u is an
+        # image pixel, which are never read
+        wide = ops.pad(padded, [[0, 0], [0, 0], [0, 0], [d, d]])
         # the box of a centre covers offsets −o+1 … o: squared differences from row P − o + 1 on
-        lo = pad - o + 1
-        centre = padded[:, lo : lo + height + 2 * o - 1, lo : lo + width + 2 * o - 1]
-        side = 2 * d + 1
+        first, rows, cols = pad - o + 1, height + d + box - 1, width + 2 * d + box - 1
+        out_rows, out_cols = height + d, width + 2 * d
 
-        def step(index, carry):  # one search offset (di, dj)
-            num, den = carry
-            di, dj = index // side - d, index % side - d
-            other = ops.slice(padded, [0, lo + di, lo + dj, 0], ops.shape(centre))
-            sq = ops.sum(ops.square(centre - other), axis=-1) - noise  # (B, H + 2o − 1, W + 2o − 1)
+        def plane(di, dj):
             if o == 0:  # the integral image's four corners coincide: an empty box, distance 0
-                dist = ops.zeros_like(x[..., 0])
-            else:
-                line = sum(sq[:, :, l : l + width] for l in range(2 * o))
-                dist = ops.maximum(sum(line[:, k : k + height] for k in range(2 * o)), 0.0) / scale
-            weight = fast_exp(-dist)
-            weight = ops.where(ops.logical_not(dist <= NL_MEANS_DISTANCE_CUTOFF), ops.zeros_like(weight), weight)
-            candidate = ops.slice(padded, [0, pad + di, pad + dj, 0], ops.shape(x))
-            return num + weight[..., None] * candidate, den + weight[..., None]
+                return ops.ones((b, out_rows, out_cols), xt.dtype) * fast_exp(ops.zeros((), xt.dtype))
+            centre = ops.slice(wide, [0, 0, first - di, first], [b, c, rows, cols])
+            other = ops.slice(wide, [0, 0, first, first + dj], [b, c, rows, cols])
+            sq = sum(ops.square(centre[:, k] - other[:, k]) for k in range(c))  # (B, rows, cols)
+            line = sum(sq[:, :, l : l + out_cols] for l in range(box))
+            dist = sum(line[:, k : k + out_rows] for k in range(box))  # (B, H + d, W + 2d)
+            dist = dist - noise if noise else dist
+            scaled = ops.maximum(dist, 0.0) / scale
+            # a NaN distance gives weight 0, as in the reference, whatever maximum(NaN, 0) gives
+            drop = ops.logical_or(ops.isnan(dist), ops.logical_not(scaled <= NL_MEANS_DISTANCE_CUTOFF))
+            weight = fast_exp(-scaled)
+            return ops.where(drop, ops.zeros_like(weight), weight)
 
-        num, den = ops.fori_loop(0, side * side, step, (ops.zeros_like(x), ops.zeros_like(x[..., :1])))
-        return num / den
+        values = padded[:, :, pad - d : pad + height + d, pad - d : pad + width + d]
+        return plane, values
 
 
 def _reflect(x, pad: int, axis: int):

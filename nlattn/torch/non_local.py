@@ -2,8 +2,9 @@
 
 With ``implementation="auto"`` (the default) and without ``return_attention`` the (B, N, M)
 relation is never materialised, forward or backward: ``aggregate`` runs the kernels of
-``kernels.py`` (softmax modes a query chunk at a time with a recomputing backward,
-``dot_product`` re-associated, ``concatenation`` by sorting); ``implementation="naive"`` always forms it in ``relation`` (the readable reference path).
+``kernels.py`` (softmax modes a query chunk at a time with a recomputing backward, ``dot_product``
+re-associated, ``concatenation`` by sorting); ``implementation="naive"`` always forms it in
+``relation`` (the readable reference path).
 """
 
 from __future__ import annotations
