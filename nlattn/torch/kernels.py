@@ -98,9 +98,8 @@ def _attend(q, k, v, chunk: int, with_lse: bool = False):
     out = q.new_empty(q.shape[0], n, v.shape[-1])
     lse = q.new_empty(q.shape[0], n, 1) if with_lse else None
     kt = k.transpose(1, 2)
-    for i in range(0, n, chunk):
-        rows = slice(i, i + chunk)
-        p = torch.bmm(q[:, rows], kt)  # (G, chunk, M) energies, then in place the unnormalised P
+    for rows, p in _chunks(q, k, chunk):
+        torch.bmm(q[:, rows], kt, out=p)  # (G, chunk, M) energies, then in place the unnormalised P
         top = p.amax(-1, keepdim=True)
         p.sub_(top).clamp_(min=ENERGY_FLOOR).exp_()
         total = p.sum(-1, keepdim=True)
@@ -108,6 +107,19 @@ def _attend(q, k, v, chunk: int, with_lse: bool = False):
         if lse is not None:
             lse[:, rows] = top + total.log()
     return out, lse
+
+
+def _chunks(q, k, chunk: int, buffers: int = 1):
+    """(query slice, ``buffers`` (G, rows, M) tensors) for each chunk of q's rows. The buffers are
+    views of one allocation each, reused chunk after chunk: a fresh 16 MiB block per chunk costs
+    its page faults wherever the allocator maps large blocks afresh (glibc with a low
+    M_MMAP_THRESHOLD, as benchmarks/bench.py runs: the SAGAN training step at 128², 1 thread,
+    0.76× the naive time with reuse, 1.04× without)."""
+    (g, n, _), m = q.shape, k.shape[1]
+    stores = [q.new_empty(g * min(chunk, n) * m) for _ in range(buffers)]
+    for i in range(0, n, chunk):
+        r = min(chunk, n - i)
+        yield (slice(i, i + r), *(store[: g * r * m].view(g, r, m) for store in stores))
 
 
 class _ChunkedSoftmaxAttention(torch.autograd.Function):
@@ -144,14 +156,11 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
             dkt = q.new_zeros(k.shape[0], k.shape[2], k.shape[1])
             dv = torch.zeros_like(v)
             kt, vt = k.transpose(1, 2), v.transpose(1, 2).contiguous()
-            for i in range(0, q.shape[1], ctx.chunk):
-                rows = slice(i, i + ctx.chunk)
+            for rows, p, ds in _chunks(q, k, ctx.chunk, buffers=2):
                 qc, doc = q[:, rows], d_out[:, rows]
-                p = (
-                    torch.bmm(qc, kt).sub_(lse[:, rows]).clamp_(min=ENERGY_FLOOR).exp_()
-                )  # P of this chunk (G, chunk, M)
+                torch.bmm(qc, kt, out=p).sub_(lse[:, rows]).clamp_(min=ENERGY_FLOOR).exp_()  # P (G, chunk, M)
                 dv.baddbmm_(p.transpose(1, 2), doc)
-                ds = torch.bmm(doc, vt).sub_(delta[:, rows]).mul_(p)  # dS = P ∘ (dP − D)
+                torch.bmm(doc, vt, out=ds).sub_(delta[:, rows]).mul_(p)  # dS = P ∘ (dP − D)
                 dq[:, rows] = torch.bmm(ds, k)
                 dkt.baddbmm_(qc.transpose(1, 2), ds)
         return dq, dkt.transpose(1, 2), dv, None
