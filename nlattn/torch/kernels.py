@@ -114,7 +114,7 @@ def _chunks(q, k, chunk: int, buffers: int = 1):
     views of one allocation each, reused chunk after chunk: a fresh 16 MiB block per chunk costs
     its page faults wherever the allocator maps large blocks afresh (glibc with a low
     M_MMAP_THRESHOLD, as benchmarks/bench.py runs: the SAGAN training step at 128², 1 thread,
-    0.76× the naive time with reuse, 1.04× without)."""
+    0.75× the naive time with reuse, 1.04× without)."""
     (g, n, _), m = q.shape, k.shape[1]
     stores = [q.new_empty(g * min(chunk, n) * m) for _ in range(buffers)]
     for i in range(0, n, chunk):
