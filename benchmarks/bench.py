@@ -269,19 +269,24 @@ def _build(framework, block, c, size, impl, w, train=False):
     return (lambda: jax.block_until_ready(fn(model, xt))), lambda y: np.asarray(y[1] if train else y)
 
 
+def block_weights(block, c):
+    """Random float32 weights of a benchmark block (seed 0): the identity-at-init blocks would
+    make the fast/naive comparison trivial."""
+    import nlattn
+    from nlattn.specs import random_weights
+
+    cls, kw = BLOCKS[block]
+    weights = random_weights(nlattn.make_config(cls, in_channels=c, **kw).schema(), np.random.default_rng(0))
+    return {k: v.astype(np.float32) for k, v in weights.items()}
+
+
 def measure(job):
     """One measurement: {"ms", "peak_mib"} (+ "err" vs naive for the fast side) or {"error"}."""
     framework, repeat = job["framework"], job["repeat"]
     if job["block"] == "matmul":
         return _measure_matmul(framework, repeat)
-    import nlattn
-    from nlattn.specs import random_weights
-
-    cls, kw = BLOCKS[job["block"]]
     c, size = job["channels"], job["size"]
-    # random weights: the identity-at-init blocks would make the fast/naive comparison trivial
-    weights = random_weights(nlattn.make_config(cls, in_channels=c, **kw).schema(), np.random.default_rng(0))
-    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    weights = block_weights(job["block"], c)
     train = job.get("train", False)
     call, to_numpy = _build(framework, job["block"], c, size, job["impl"], weights, train)
     y = call()  # warm-up / compilation

@@ -30,15 +30,8 @@ BLOCKS_2D = ["embedded_gaussian", "gaussian", "dot_product", "concatenation", "s
 def child(job):
     """Run one job in this process; print {"peak_mib"} or {"error"}."""
     try:
-        import numpy as np
-
-        import nlattn
-        from nlattn.specs import random_weights
-
-        cls, kw = bench.BLOCKS[job["block"]]
         c = job["channels"]
-        schema = nlattn.make_config(cls, in_channels=c, **kw).schema()
-        weights = {k: v.astype(np.float32) for k, v in random_weights(schema, np.random.default_rng(0)).items()}
+        weights = bench.block_weights(job["block"], c)
         call, _ = bench._build(job["framework"], job["block"], c, job["shape"], "auto", weights, job["train"])
         call()
         call()

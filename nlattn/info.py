@@ -150,7 +150,7 @@ def info(
         raise ConfigError(f"info: unknown framework {framework!r}; use 'torch', 'tf' (Keras) or 'jax' (Flax)")
     workspace = _Workspace(
         chunk=(query_chunk_size or DEFAULT_QUERY_CHUNK_SIZE) if fw in ("tf", "jax") else None,
-        chunk_elements=fw == "torch",
+        torch_chunks=fw == "torch",
     )
     spec.check_input_shape(shape)
     if dtype not in _BYTES:
@@ -209,7 +209,7 @@ class _Workspace:
     """What a framework's fast softmax path holds besides the block's tensors."""
 
     chunk: int | None = None  # Keras / Flax: queries per chunk of the relation
-    chunk_elements: bool = False  # torch: queries per chunk from specs.query_chunk
+    torch_chunks: bool = False  # torch: queries per chunk by specs.query_chunk
 
 
 @dataclass
@@ -331,7 +331,7 @@ def _non_local(g: _Graph, cfg, shape, fast: bool, ws: _Workspace) -> None:
 
 def _softmax_attention(g: _Graph, ws: _Workspace, b, n, m, ck, cv, h, qkv, flops) -> int:
     """The fast softmax path's output (N·Cv), with the framework's workspace."""
-    chunk = query_chunk(h * b, m // b) if ws.chunk_elements else ws.chunk
+    chunk = query_chunk(h * b, m // b) if ws.torch_chunks else ws.chunk
     work = 2 * h * b * min(chunk, n // b) * (m // b) if chunk else 0  # energies and exponentials (or dS)
     return g.op(n * cv, *qkv, flops=flops, workspace=work)
 
